@@ -1,0 +1,152 @@
+"""The ``rep-medsam`` command: convert | export | predict | evaluate.
+
+Each subcommand imports only what it needs, so ``predict`` with the ONNX backend starts without
+JAX or PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from rep_medsam_jax.convert.checkpoints import convert_checkpoint  # noqa: PLC0415
+
+    config, notes = convert_checkpoint(args.checkpoint, args.kind, args.output,
+                                       overwrite=args.overwrite)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {args.output} ({config.encoder} {config.encoder_variant or '-'})")
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="PyTorch checkpoint (.pth) -> model directory",
+                       description="Convert a MedSAM ViT-B, LiteMedSAM or Rep-MedSAM PyTorch "
+                                   "checkpoint into a model directory (orbax + config.json).")
+    p.add_argument("--from", dest="kind", required=True,
+                   choices=("medsam", "litemedsam", "rep-medsam"), help="checkpoint layout")
+    p.add_argument("checkpoint", help="the .pth file (raw state dict or {'model': ...})")
+    p.add_argument("-o", "--output", required=True, help="MODEL_DIR to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rep_medsam_jax.export.onnx_export import export_model_dir  # noqa: PLC0415
+
+    calibration = None
+    if args.int8 and args.calibration:
+        from rep_medsam_jax.export.quantize import load_calibration_images  # noqa: PLC0415
+
+        calibration = load_calibration_images(args.calibration, args.calibration_count)
+    meta = export_model_dir(args.model_dir, args.output, int8=args.int8,
+                            calibration_images=calibration, overwrite=args.overwrite)
+    print(f"wrote {args.output}: " + ", ".join(sorted(meta["checksums"])))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="model directory -> verified ONNX export directory",
+                       description="Fold the encoder and export the image encoder and the "
+                                   "prompt encoder + mask decoder to ONNX, each verified "
+                                   "against JAX before it is written.")
+    p.add_argument("model_dir", help="MODEL_DIR (from convert or training)")
+    p.add_argument("-o", "--output", required=True, help="EXPORT_DIR to create")
+    p.add_argument("--int8", action="store_true",
+                   help="also write a static per-channel int8 encoder (QDQ), calibrated")
+    p.add_argument("--calibration", help="folder of cases/images for int8 calibration "
+                                         "(default: built-in phantom cases)")
+    p.add_argument("--calibration-count", type=int, default=16,
+                   help="number of calibration images (default 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing EXPORT_DIR")
+    p.set_defaults(func=_cmd_export)
+
+
+def _parse_box(text: str) -> list[float]:
+    values = [float(v) for v in text.replace(",", " ").split()]
+    if len(values) not in (4, 6):
+        raise argparse.ArgumentTypeError(
+            f"a box is 4 numbers (x0 y0 x1 y1) or 6 (x0 y0 z0 x1 y1 z1), got {text!r}")
+    return values
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from rep_medsam_jax.predictor.backend import open_backend  # noqa: PLC0415
+    from rep_medsam_jax.predictor.run import predict_folder  # noqa: PLC0415
+
+    backend = open_backend(args.model, args.backend, threads=args.threads)
+    summary = predict_folder(backend, args.input, args.output, overlay_dir=args.overlay,
+                             boxes_override=args.box, show_progress=not args.quiet)
+    print(summary.report())
+    return 1 if summary.failures else 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment a folder of cases on the CPU",
+                       description="Segment every case in INPUT_DIR (challenge .npz, NIfTI "
+                                   "with a JSON box sidecar, PNG/JPEG with a JSON sidecar) "
+                                   "into OUTPUT_DIR, same names.")
+    p.add_argument("-i", "--input", required=True, help="INPUT_DIR")
+    p.add_argument("-o", "--output", required=True, help="OUTPUT_DIR")
+    p.add_argument("--model", required=True, help="EXPORT_DIR (onnx, openvino) or MODEL_DIR (jax)")
+    p.add_argument("--backend", default="onnx", choices=("onnx", "openvino", "jax"))
+    p.add_argument("--box", type=_parse_box, action="append",
+                   help="a box for every case without its own (repeatable): 'x0 y0 x1 y1' "
+                        "or 'x0 y0 z0 x1 y1 z1' in pixels/voxels")
+    p.add_argument("--overlay", metavar="PNG_DIR", help="also write overlay PNGs here")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from rep_medsam_jax.metrics import evaluate_folder  # noqa: PLC0415
+
+    rows = evaluate_folder(args.pred, args.gt, args.output)
+    if rows:
+        dsc = sum(r["dsc"] for r in rows) / len(rows)
+        nsd = sum(r["nsd"] for r in rows) / len(rows)
+        print(f"{len(rows)} case(s): mean DSC {dsc:.4f}, mean NSD {nsd:.4f} -> {args.output}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="DSC and NSD of predictions against ground truth",
+                       description="The challenge metrics (SPEC §9.1): per case DSC and NSD "
+                                   "(tolerance 2, NSD only when DSC > 0.2).")
+    p.add_argument("--pred", required=True, help="folder of predicted .npz (key segs)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth .npz (key gts)")
+    p.add_argument("-o", "--output", default="metrics.csv", help="CSV to write")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_convert, _add_export, _add_predict, _add_evaluate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rep-medsam", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+# Errors a user can act on: print one clear line, exit 2, no traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _USER_ERRORS as err:
+        print(f"rep-medsam {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

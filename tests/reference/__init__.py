@@ -1,0 +1,1 @@
+"""Independent PyTorch references used only by the tests."""
