@@ -1,0 +1,1 @@
+"""Data sources for training and tests: built-in phantoms and the MNI152 case."""
