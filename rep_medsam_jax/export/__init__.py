@@ -1,0 +1,1 @@
+"""Model directory -> verified ONNX export directory (encoder + prompt-decoder), optional int8."""

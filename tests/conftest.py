@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny random model directory and its ONNX export, built once per worker."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised ``rep_medsam_tiny`` model directory (training form, unfolded)."""
+    import jax
+    import numpy as np
+
+    from rep_medsam_jax.model_dir import save_model_dir
+    from rep_medsam_jax.models.config import MODEL_PRESETS
+    from rep_medsam_jax.models.medsam_lite import init_variables
+
+    config = MODEL_PRESETS["rep_medsam_tiny"]
+    variables = init_variables(config, jax.random.key(0))
+    # Non-trivial BatchNorm statistics, so that folding is exercised for real.
+    rng = np.random.default_rng(0)
+    stats = jax.tree_util.tree_map(np.asarray, variables["batch_stats"])
+
+    def perturb(path, leaf):
+        name = path[-1].key
+        if name == "var":
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+
+    variables["batch_stats"] = jax.tree_util.tree_map_with_path(perturb, stats)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_model_dir(path, config, variables)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_model_dir, tmp_path_factory):
+    """``rep-medsam export`` of the tiny model (fp32 only)."""
+    from rep_medsam_jax.export.onnx_export import export_model_dir
+
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    path = tmp_path_factory.mktemp("exports") / "tiny"
+    export_model_dir(tiny_model_dir, path, log=lambda message: None)
+    return path

@@ -1,0 +1,229 @@
+"""The case procedures (SPEC §7 with the §10 fixes), the folder runner and the backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from input_pipeline.phantoms import make_case_2d, make_case_3d, save_challenge_case
+from rep_medsam_jax.predictor.cases import predict_2d, predict_3d
+from rep_medsam_jax.predictor.run import predict_folder
+from rep_medsam_jax.preprocess import preprocess_image
+
+
+class ThresholdBackend:
+    """A stand-in model with a known answer: foreground = bright pixels inside the box.
+
+    ``encode`` keeps the image at the embedding resolution (the first channel, every 4th
+    pixel); ``decode`` returns +1 logits where that grid is brighter than 0.5 inside the box and
+    -1 elsewhere, upsampled x4 to the 256 frame. Counts calls, to check the caching rules.
+    """
+
+    image_size = 256
+
+    def __init__(self):
+        self.encoded = 0
+        self.decode_calls = 0
+        self.boxes_decoded = 0
+
+    def encode(self, images):
+        self.encoded += len(images)
+        return images[:, ::4, ::4, :1].astype(np.float32)
+
+    def decode(self, embedding, boxes):
+        self.decode_calls += 1
+        self.boxes_decoded += len(boxes)
+        bright = np.repeat(np.repeat(embedding[0, :, :, 0] > 0.5, 4, 0), 4, 1)
+        ys, xs = np.mgrid[0:256, 0:256]
+        logits = []
+        for x0, y0, x1, y1 in boxes:
+            inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+            logits.append(np.where(bright & inside, 1.0, -1.0))
+        return np.stack(logits).astype(np.float32), np.zeros(len(boxes), np.float32)
+
+
+def _bright_volume(depth=6, size=64, slices=range(0, 4)):
+    volume = np.zeros((depth, size, size), np.uint8)
+    for z in slices:
+        volume[z, 16:48, 20:40] = 200
+    return volume
+
+
+def test_2d_boxes_decoded_in_batches_and_painted_in_order():
+    image = np.zeros((100, 140, 3), np.uint8)
+    image[20:60, 30:90] = 255
+    boxes = np.array([[0, 0, 139, 99], [50, 30, 80, 55]] + [[0, 0, 10, 10]] * 18)
+    backend = ThresholdBackend()
+    segs = predict_2d(backend, image, boxes)
+    assert backend.encoded == 1
+    assert backend.decode_calls == 2            # 20 boxes in chunks of 16
+    assert segs.dtype == np.uint8 and segs.shape == (100, 140)
+    # Box 2 is inside box 1's mask and painted later: it wins there.
+    assert segs[40, 60] == 2 and segs[25, 35] == 1 and segs[80, 120] == 0
+
+
+def test_2d_more_than_255_boxes_gives_uint16_labels():
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[-1, -1] = 0                                   # not constant: min-max keeps it bright
+    boxes = np.array([[i % 60, i // 60, i % 60 + 2, i // 60 + 2] for i in range(300)])
+    segs = predict_2d(ThresholdBackend(), image, boxes)
+    assert segs.dtype == np.uint16 and segs.max() == 300
+
+
+def test_3d_slice_zero_is_segmented_when_the_box_starts_there():
+    # baseline_infer.py stopped its downward loop at slice 1 (SPEC §7.3 / §10): fixed.
+    volume = _bright_volume()
+    segs = predict_3d(ThresholdBackend(), volume, np.array([[18, 14, 0, 42, 50, 3]]))
+    assert segs[0].any() and segs[1].any() and segs[3].any()
+    assert not segs[4].any() and not segs[5].any()      # closed range 0..3 only
+
+
+def test_3d_each_slice_encoded_once_however_many_boxes():
+    volume = _bright_volume(depth=8, slices=range(0, 8))
+    boxes = np.array([[18, 14, 0, 42, 50, 5], [18, 14, 2, 42, 50, 7], [0, 0, 3, 63, 63, 4]])
+    backend = ThresholdBackend()
+    predict_3d(backend, volume, boxes)
+    assert backend.encoded == 8                          # slices 0..7, once each
+    assert backend.boxes_decoded == 6 + 6 + 2            # one decode per box per slice
+
+
+def test_3d_propagation_follows_the_previous_mask():
+    # The object moves across slices; the middle slice's box only covers where it starts. Each
+    # next slice's prompt is the previous mask's bbox + 3 px, so the mask tracks the object.
+    # At 256 x 256 the 3-px expansion is 3 original pixels, more than the 2-px step per slice.
+    volume = np.zeros((5, 256, 256), np.uint8)
+    for z in range(5):
+        volume[z, 80:160, 40 + 2 * z:100 + 2 * z] = 220
+    segs = predict_3d(ThresholdBackend(), volume, np.array([[40, 70, 0, 100, 170, 4]]))
+    assert segs[2, 120, 100] == 1 and segs[2, 120, 102] == 0     # the middle slice: the box
+    assert segs[4, 120, 105] == 1        # x = 105 lies outside the original box (x1 = 100)
+    assert segs[0, 120, 46] == 1 and segs[0, 120, 36] == 0
+
+
+def test_phantom_cases_segmented_by_threshold_backend_match_ground_truth():
+    rng = np.random.default_rng(3)
+    image, gts, boxes = make_case_2d(rng, "CT", 128)
+    segs = predict_2d(ThresholdBackend(), image, boxes)
+    assert segs.shape == gts.shape and segs.max() <= len(boxes)
+
+
+def _write_bad_cases(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    good = np.zeros((40, 50, 3), np.uint8)
+    good[10:30, 10:40] = 200
+    np.savez(folder / "2DBox_good.npz", imgs=good, boxes=np.array([[5, 5, 45, 35]]))
+    (folder / "2DBox_unreadable.npz").write_bytes(b"this is not a zip file")
+    np.savez(folder / "2DBox_missing_boxes.npz", imgs=good)
+    np.savez(folder / "2DBox_box_outside.npz", imgs=good, boxes=np.array([[5, 5, 80, 35]]))
+    np.savez(folder / "2DBox_empty.npz", imgs=np.zeros((0, 50, 3), np.uint8),
+             boxes=np.array([[0, 0, 1, 1]]))
+    nan_image = good.astype(np.float32)
+    nan_image[0, 0, 0] = np.nan
+    np.savez(folder / "2DBox_nan.npz", imgs=nan_image, boxes=np.array([[5, 5, 45, 35]]))
+
+
+def test_bad_cases_are_reported_and_skipped_and_leave_no_output(tmp_path):
+    _write_bad_cases(tmp_path / "in")
+    summary = predict_folder(ThresholdBackend(), tmp_path / "in", tmp_path / "out",
+                             show_progress=False)
+    failed = {r.name: r.error for r in summary.failures}
+    assert set(failed) == {"2DBox_unreadable.npz", "2DBox_missing_boxes.npz",
+                           "2DBox_box_outside.npz", "2DBox_empty.npz", "2DBox_nan.npz"}
+    assert "boxes" in failed["2DBox_missing_boxes.npz"]
+    assert "box 1" in failed["2DBox_box_outside.npz"]
+    assert "NaN" in failed["2DBox_nan.npz"] or "finite" in failed["2DBox_nan.npz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["2DBox_good.npz"]
+    segs = np.load(tmp_path / "out" / "2DBox_good.npz")["segs"]
+    assert segs.shape == (40, 50) and segs[20, 20] == 1
+    assert "1 of 6 case(s) segmented" in summary.report()
+
+
+def test_png_with_json_sidecar_and_missing_boxes(tmp_path):
+    import cv2
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[10:30, 20:50] = 255
+    cv2.imwrite(str(folder / "a.png"), image)
+    (folder / "a.json").write_text(json.dumps({"boxes": [[15, 5, 55, 35]]}))
+    cv2.imwrite(str(folder / "b.png"), image)          # no sidecar: a clear error
+    summary = predict_folder(ThresholdBackend(), folder, tmp_path / "out", show_progress=False)
+    assert [r.name for r in summary.failures] == ["b.png"]
+    assert "b.json" in summary.failures[0].error or "box" in summary.failures[0].error
+    written = cv2.imread(str(tmp_path / "out" / "a.png"), cv2.IMREAD_UNCHANGED)
+    assert written.shape == (48, 64) and written[20, 30] == 1 and written[40, 5] == 0
+
+
+# --- real backends -------------------------------------------------------------------------
+
+def _label_dice(a: np.ndarray, b: np.ndarray) -> list[float]:
+    scores = []
+    for label in range(1, int(max(a.max(), b.max())) + 1):
+        x, y = a == label, b == label
+        total = x.sum() + y.sum()
+        scores.append(1.0 if total == 0 else 2 * np.logical_and(x, y).sum() / total)
+    return scores
+
+
+def test_onnx_and_jax_backends_give_the_same_masks(tiny_model_dir, tiny_export_dir):
+    from rep_medsam_jax.predictor.backend import open_backend
+
+    onnx_backend = open_backend(tiny_export_dir, "onnx")
+    jax_backend = open_backend(tiny_model_dir, "jax")
+    rng = np.random.default_rng(11)
+    image, _, boxes = make_case_2d(rng, "Endoscopy", 160)
+    volume, _, boxes3d, _ = make_case_3d(rng, "MR", (8, 72, 96))
+    tensor = preprocess_image(image)[0][None]
+    np.testing.assert_allclose(onnx_backend.encode(tensor), jax_backend.encode(tensor),
+                               atol=1e-4)
+    for a, b in [(predict_2d(onnx_backend, image, boxes), predict_2d(jax_backend, image, boxes)),
+                 (predict_3d(onnx_backend, volume, boxes3d),
+                  predict_3d(jax_backend, volume, boxes3d))]:
+        assert min(_label_dice(a, b)) >= 0.999
+        assert a.any()                                   # the comparison is not vacuous
+
+
+def test_onnx_predict_imports_neither_jax_nor_torch(tiny_export_dir, tmp_path):
+    rng = np.random.default_rng(5)
+    save_challenge_case(tmp_path / "in", tmp_path / "gts", "2DBox_CT_0000",
+                        make_case_2d(rng, "CT", 96))
+    script = f"""
+import sys
+from rep_medsam_jax.cli import main
+code = main(["predict", "-i", {str(tmp_path / 'in')!r}, "-o", {str(tmp_path / 'out')!r},
+             "--model", {str(tiny_export_dir)!r}, "-q"])
+heavy = sorted(m for m in ("jax", "jaxlib", "flax", "torch", "tensorflow") if m in sys.modules)
+print("HEAVY", heavy)
+sys.exit(code)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+    assert (tmp_path / "out" / "2DBox_CT_0000.npz").is_file()
+
+
+def test_cli_predict_and_evaluate_end_to_end(tiny_export_dir, tmp_path, capsys):
+    from input_pipeline.phantoms import write_phantom_dataset
+    from rep_medsam_jax.cli import main
+
+    data = write_phantom_dataset(tmp_path / "data", n2d=2, n3d=1, seed=4,
+                                 size_2d=96, shape_3d=(6, 64, 64))
+    assert main(["predict", "-i", str(data.inputs_dir), "-o", str(tmp_path / "pred"),
+                 "--model", str(tiny_export_dir), "--overlay", str(tmp_path / "png"),
+                 "-q"]) == 0
+    assert len(list((tmp_path / "png").glob("*.png"))) == 3
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(data.gts_dir),
+                 "-o", str(tmp_path / "metrics.csv")]) == 0
+    lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert lines[0] == "case,dsc,nsd" and len(lines) == 4
+    assert main(["predict", "-i", str(data.inputs_dir), "-o", str(tmp_path / "pred2"),
+                 "--model", str(tmp_path / "nowhere"), "-q"]) == 2
+    assert "no such model" in capsys.readouterr().err
