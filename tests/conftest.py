@@ -44,3 +44,28 @@ def tiny_export_dir(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("exports") / "tiny"
     export_model_dir(tiny_model_dir, path, log=lambda message: None)
     return path
+
+
+@pytest.fixture(scope="session")
+def torch_rep_medsam(tmp_path_factory):
+    """A randomly initialised full-size PyTorch Rep-MedSAM (SPEC §1 + segment-anything heads),
+    saved as an unwrapped state dict: ``(model, checkpoint_path)``."""
+    import torch
+
+    from rep_medsam_jax.models.config import REPVIT_VARIANTS
+    from tests.reference.medsam_lite_torch import build_reference_model
+
+    model = build_reference_model(REPVIT_VARIANTS["rep_medsam_m1_0"].rows, seed=1)
+    path = tmp_path_factory.mktemp("torch") / "rep_medsam.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def converted_rep_medsam(torch_rep_medsam, tmp_path_factory):
+    """``rep-medsam convert --from rep-medsam`` of that checkpoint: the MODEL_DIR path."""
+    from rep_medsam_jax.cli import main
+
+    out = tmp_path_factory.mktemp("converted") / "rep_medsam"
+    assert main(["convert", "--from", "rep-medsam", str(torch_rep_medsam[1]), "-o", str(out)]) == 0
+    return out

@@ -60,24 +60,26 @@ def _check_kind(state: Mapping[str, np.ndarray], kind: str) -> None:
 
 
 def _rep_medsam_config(state: Mapping[str, np.ndarray]) -> ModelConfig:
-    """The preset whose RepViT widths and decoder width match the checkpoint's shapes."""
-    stem = state["image_encoder.features.0.2.c.weight"].shape  # (C, C_hidden, 3, 3)
+    """The variant whose stem widths match the checkpoint, with the matching decoder width.
+
+    Only the stem shape and the decoder width choose it (the feature count breaks ties), so
+    that a damaged checkpoint (an extra or missing block key) still reaches the strict key
+    check and gets its full report instead of an "unknown variant" error.
+    """
+    stem = tuple(state["image_encoder.features.0.2.c.weight"].shape[:2])  # (C, C_hidden)
     n_features = len({k.split(".")[2] for k in state if k.startswith("image_encoder.features.")})
     embed = state.get("mask_decoder.iou_token.weight", np.zeros((1, 256))).shape[1]
+    candidates = [v for v in REPVIT_VARIANTS.values() if v.stem_channels[::-1] == stem]
+    if not candidates:
+        raise WrongCheckpointKindError(
+            f"Rep-MedSAM checkpoint with an unknown encoder width (stem conv {stem}); known "
+            f"variants: {sorted(REPVIT_VARIANTS)}")
+    candidates.sort(key=lambda v: len(v.rows) + 1 != n_features)
+    variant = candidates[0]
     for preset in MODEL_PRESETS.values():
-        if preset.encoder != "repvit":
-            continue
-        variant = REPVIT_VARIANTS[preset.encoder_variant]
-        if (variant.stem_channels[::-1] == tuple(stem[:2]) and len(variant.rows) + 1 == n_features
-                and preset.decoder.embed_dim == embed):
+        if preset.encoder_variant == variant.name and preset.decoder.embed_dim == embed:
             return preset
-    # Variants without a preset: same decoder as the paper's model.
-    for variant in REPVIT_VARIANTS.values():
-        if variant.stem_channels[::-1] == tuple(stem[:2]) and len(variant.rows) + 1 == n_features:
-            return dataclasses.replace(MODEL_PRESETS["rep_medsam"], encoder_variant=variant.name)
-    raise WrongCheckpointKindError(
-        f"Rep-MedSAM checkpoint with an unknown encoder width/depth (stem {tuple(stem)}, "
-        f"{n_features} features); known variants: {sorted(REPVIT_VARIANTS)}")
+    return dataclasses.replace(MODEL_PRESETS["rep_medsam"], encoder_variant=variant.name)
 
 
 def _convert_heads(reader: StateDictReader, config: ModelConfig) -> tuple[dict, dict]:
