@@ -118,7 +118,7 @@ def infer_2d(model, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     embedding = model.image_encoder(tensor)
     segs = np.zeros((h, w), np.uint8)
     for index, box in enumerate(boxes, start=1):
-        box256 = resize_box_to_256(box[None], original_size=(h, w))[0]
+        box256 = resize_box_to_256(box, original_size=(h, w))
         mask = medsam_inference(model, embedding, box256, new_hw, (h, w))
         segs[mask > 0] = index
     return segs
@@ -139,7 +139,7 @@ def infer_3d(model, volume: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         box2d = box3d[[0, 1, 3, 4]]
         z_min, z_max = int(box3d[2]), int(box3d[5])
         z_middle = int((z_max - z_min) / 2 + z_min)
-        box_middle = resize_box_to_256(box2d[None], (h, w))[0]
+        box_middle = resize_box_to_256(box2d, (h, w))
         for z in range(z_middle, min(z_max, depth - 1) + 1):
             if z == z_middle:
                 box256 = box_middle
