@@ -38,9 +38,11 @@ def predict_2d(backend: Backend, image: np.ndarray, boxes: np.ndarray) -> np.nda
     later boxes overwrite earlier ones where masks overlap.
     """
     height, width = image.shape[:2]
-    tensor, new_hw = preprocess_image(image)
+    size = backend.image_size
+    tensor, new_hw = preprocess_image(image, size)
     embedding = backend.encode(tensor[None])
-    boxes256 = scale_boxes_to_256(np.asarray(boxes)[:, :4], (height, width)).astype(np.float32)
+    boxes256 = scale_boxes_to_256(np.asarray(boxes)[:, :4], (height, width), size)
+    boxes256 = boxes256.astype(np.float32)
     masks = np.zeros((len(boxes256), height, width), bool)
     for start in range(0, len(boxes256), DECODE_CHUNK):
         logits, _ = backend.decode(embedding, boxes256[start:start + DECODE_CHUNK])
@@ -48,9 +50,9 @@ def predict_2d(backend: Backend, image: np.ndarray, boxes: np.ndarray) -> np.nda
     return paint_labels(masks, np.arange(1, len(boxes256) + 1), (height, width))
 
 
-def _slice_tensor(volume: np.ndarray, z: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _slice_tensor(volume: np.ndarray, z: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Slice z of a (D, H, W) uint8 volume as the model's (S, S, 3) input (SPEC §6.4)."""
-    return preprocess_image(np.repeat(volume[z][:, :, None], 3, axis=-1))
+    return preprocess_image(np.repeat(volume[z][:, :, None], 3, axis=-1), size)
 
 
 def clip_box_3d(box: np.ndarray, depth: int) -> tuple[int, int]:
@@ -70,7 +72,7 @@ class SliceEmbeddings:
             chunk = slices[start:start + ENCODE_CHUNK]
             tensors = []
             for z in chunk:
-                tensor, self.new_hw = _slice_tensor(volume, z)
+                tensor, self.new_hw = _slice_tensor(volume, z, backend.image_size)
                 tensors.append(tensor)
             embeddings = backend.encode(np.stack(tensors))
             for z, embedding in zip(chunk, embeddings):
@@ -83,15 +85,16 @@ class SliceEmbeddings:
         return len(self._cache)
 
 
-def _box_from_previous(mask: np.ndarray, label: int, fallback: np.ndarray) -> np.ndarray:
+def _box_from_previous(mask: np.ndarray, label: int, fallback: np.ndarray,
+                       size: int) -> np.ndarray:
     """SPEC §7.3: the previous slice's mask (painted with its label), INTER_AREA-resized to the
-    256 frame; its bbox expanded by 3 px, or the middle-slice box if it vanished."""
+    S x S frame; its bbox expanded by 3 px, or the middle-slice box if it vanished."""
     # The reference paints label k into a uint8 map before resizing: keep that value (it decides
     # which thin structures survive INTER_AREA), saturating at 255 for labels past uint8.
-    resized = resize_longest_side(mask.astype(np.uint8) * np.uint8(min(label, 255)), 256)
+    resized = resize_longest_side(mask.astype(np.uint8) * np.uint8(min(label, 255)), size)
     if not np.any(resized > 0):
         return fallback
-    return get_bbox256(resized, expand=3).astype(np.float32)
+    return get_bbox256(resized, expand=3, upper=size - 1).astype(np.float32)
 
 
 def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
@@ -102,6 +105,7 @@ def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
     Returns (D, H, W) uint8 (uint16 when N >= 256).
     """
     depth, height, width = volume.shape
+    size = backend.image_size
     boxes = np.asarray(boxes)
     ranges = [clip_box_3d(box, depth) for box in boxes]
     needed = sorted({z for z_min, z_max in ranges for z in range(z_min, z_max + 1)})
@@ -113,14 +117,14 @@ def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
         label = index + 1
         if z_min > z_max:        # the box lies wholly outside the volume
             continue
-        middle_box = scale_boxes_to_256(box[[0, 1, 3, 4]][None], (height, width))[0]
+        middle_box = scale_boxes_to_256(box[[0, 1, 3, 4]][None], (height, width), size)[0]
         middle_box = middle_box.astype(np.float32)
         z_mid = min(max(int((int(box[5]) - int(box[2])) / 2 + int(box[2])), z_min), z_max)
         masks: dict[int, np.ndarray] = {}
 
         def segment(z: int, neighbour: int | None) -> None:
             prompt = middle_box if neighbour is None else _box_from_previous(
-                masks[neighbour], label, middle_box)
+                masks[neighbour], label, middle_box, size)
             logits, _ = backend.decode(embeddings[z], prompt[None])
             masks[z] = logits_to_mask(logits, new_hw, (height, width))[0]
 
