@@ -1,0 +1,80 @@
+"""Build the training dataset from a folder of cases (or from built-in phantoms).
+
+    python -m input_pipeline.build --source CASES --data-dir DATA [--validation-fraction 0.1]
+    python -m input_pipeline.build --phantoms 12 4 --data-dir DATA      # built-in data, no files
+    python -m input_pipeline.build --phantoms 12 4 --mni152 --data-dir DATA
+
+Progress goes to stderr, one line per case; a skipped case is reported with its reason and the
+build goes on. Rerunning the same command resumes an interrupted build (finished cases are
+reused) and reuses a finished dataset. The dataset lands in DATA/med_sam_slices/size<S>/1.0.0;
+the summary names it. Exit status: 0 built, 1 nothing could be built, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from input_pipeline.tfds_builder import BuildError, BuildOptions, build_dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m input_pipeline.build",
+                                     description=__doc__.split("\n\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--source", help="folder of cases (see input_pipeline/sources.py)")
+    where.add_argument("--phantoms", type=int, nargs=2, metavar=("N2D", "N3D"),
+                       help="write N2D 2D and N3D 3D phantom cases to DATA/phantoms and build "
+                            "from them")
+    parser.add_argument("--mni152", action="store_true",
+                        help="with --phantoms: add nilearn's MNI152 brain as a real 3D MR case")
+    parser.add_argument("--seed", type=int, default=0, help="phantom seed")
+    parser.add_argument("--data-dir", required=True, help="tfds data folder (created)")
+    parser.add_argument("--work-dir", help="per-case work folder (default under --data-dir)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--min-mask-pixels", type=int, default=1)
+    parser.add_argument("--modality", help="NIfTI modality when no metadata names one (CT: "
+                                           "windowing, else percentile clipping)")
+    parser.add_argument("--ct-window", type=float, nargs=2, metavar=("LEVEL", "WIDTH"),
+                        help="NIfTI CT window in HU (default 40 400)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild an existing dataset (per-case work is still reused)")
+    args = parser.parse_args(argv)
+    if args.mni152 and not args.phantoms:
+        parser.error("--mni152 goes with --phantoms")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    source = args.source
+    if args.phantoms:
+        from input_pipeline.phantoms import mni152_case, write_phantom_dataset  # noqa: PLC0415
+
+        folder = Path(args.data_dir) / "phantoms"
+        written = write_phantom_dataset(folder, n2d=args.phantoms[0], n3d=args.phantoms[1],
+                                        seed=args.seed)
+        if args.mni152:
+            mni152_case(folder)
+        source = written.inputs_dir.parent
+    options = BuildOptions(image_size=args.image_size,
+                           validation_fraction=args.validation_fraction,
+                           split_seed=args.split_seed, min_mask_pixels=args.min_mask_pixels,
+                           default_modality=args.modality,
+                           ct_window=tuple(args.ct_window) if args.ct_window else None)
+    try:
+        result = build_dataset(source, args.data_dir, options, work_dir=args.work_dir,
+                               overwrite=args.overwrite, log=logging.getLogger(__name__).info)
+    except (BuildError, NotADirectoryError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    sizes = ", ".join(f"{split}: {count}" for split, count in result.split_sizes.items())
+    # tfds prints its own lines to stdout; this one is easy to find (and to parse).
+    print(f"dataset: {result.dataset_dir}\n  examples: {sizes}; "
+          f"cases skipped: {len(result.skipped)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""A grain loader over the built dataset: shuffled, augmented, batched, sharded, resumable.
+
+    loader = make_loader(dataset_dir, "train", batch_size=16, seed=0,
+                         augment=FINETUNE_AUGMENT, worker_count=2,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = iter(loader)
+    batch = next(iterator)            # dict of NumPy arrays, see `prepare_example`
+    state = iterator.get_state()      # bytes: save with the model checkpoint
+    ...
+    iterator = iter(make_loader(...same arguments...))
+    iterator.set_state(state)         # continues with the next unseen batch
+
+Determinism: the order is a seeded permutation per epoch (grain ``IndexSampler``) and each
+example's augmentation draws from a generator seeded by (seed, position in the stream), so
+a run is reproduced exactly by the same arguments; the batches do depend on ``worker_count``
+(each worker batches its own share), so keep it fixed across a restart.
+
+Per-host sharding: host i of n reads records i*N/n .. (i+1)*N/n - 1 of the split (grain
+``ShardOptions``, remainder dropped so every host runs the same number of steps). The indices
+are passed in as ints, so a test can play several hosts in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from input_pipeline.augment import NO_AUGMENT, AugmentConfig, augment_example
+from input_pipeline.examples import student_image
+from input_pipeline.tfds_builder import open_split
+
+
+class ExampleSource:
+    """grain random-access source: a split of the built dataset, with each record's index and,
+    when a teacher cache is given, its teacher embedding.
+
+    ``source[i]`` -> the tfds record plus ``index`` (int64) and ``teacher_embedding``
+    ((g, g, C) in the cache's storage dtype). Picklable (grain sends it to worker processes).
+    """
+
+    def __init__(self, dataset_dir: str | Path, split: str,
+                 teacher_cache_dir: str | Path | None = None):
+        self.dataset_dir = str(dataset_dir)
+        self.split = split
+        self.teacher_cache_dir = str(teacher_cache_dir) if teacher_cache_dir else None
+        self._records = open_split(self.dataset_dir, split)
+        self._teacher = None
+        if self.teacher_cache_dir:
+            from input_pipeline.teacher_cache import TeacherCache  # noqa: PLC0415
+
+            self._teacher = TeacherCache(self.teacher_cache_dir)
+            self._teacher.check_matches(self.dataset_dir, split, len(self._records))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = dict(self._records[index])
+        record["index"] = np.int64(index)
+        if self._teacher is not None:
+            record["teacher_embedding"] = self._teacher[index]
+        return record
+
+    def __repr__(self) -> str:
+        # grain compares repr() of the source when restoring an iterator state.
+        return (f"ExampleSource(dataset_dir={self.dataset_dir!r}, split={self.split!r}, "
+                f"teacher_cache_dir={self.teacher_cache_dir!r})")
+
+
+def prepare_example(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored record -> the model's view (before augmentation).
+
+    image (S, S, 3) float32 in [0, 1] (``examples.student_image``), mask (S, S) uint8,
+    box (4,) int32, image_hw (2,) int32, label / slice_index int32, index int64,
+    case_id / modality bytes, teacher_embedding when present.
+    """
+    example = dict(record)
+    example["image"] = student_image(record["image"], record["image_hw"])
+    example["mask"] = np.asarray(record["mask"], np.uint8)
+    example["box"] = np.asarray(record["box"], np.int32)
+    example["label"] = np.int32(record["label"])
+    example["slice_index"] = np.int32(record["slice_index"])
+    return example
+
+
+class PrepareExample(grain.transforms.Map):
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        return prepare_example(element)
+
+
+class Augment(grain.transforms.RandomMap):
+    """``augment_example`` with grain's per-element seeded generator."""
+
+    def __init__(self, config: AugmentConfig):
+        self.config = config
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        return augment_example(element, rng, self.config)
+
+
+def _allow_worker_processes() -> None:
+    """grain 0.2.18 reads an absl flag when it starts worker processes and fails if absl never
+    parsed its flags (any program that is not an absl app, pytest included). Marking them
+    parsed keeps every default; it changes nothing when an absl app already parsed them."""
+    from absl import flags  # noqa: PLC0415
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: int = 0,
+                augment: AugmentConfig | None = None, shuffle: bool = True,
+                num_epochs: int | None = None, worker_count: int = 0,
+                worker_buffer_size: int = 2, process_index: int = 0, process_count: int = 1,
+                drop_remainder: bool = True, read_threads: int = 4, read_buffer: int = 32,
+                teacher_cache_dir: str | Path | None = None) -> grain.DataLoader:
+    """The grain DataLoader of one split (see the module docstring).
+
+    augment: None for no augmentation (evaluation); num_epochs None repeats forever.
+    read_threads / read_buffer: reading threads and records read ahead, per process. grain's
+    defaults (16, 500) suit 1-10 KiB records; ours are ~260 KiB and the decode is CPU-bound.
+    Batches are dicts of arrays with a leading batch axis (B = batch_size).
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    source = ExampleSource(dataset_dir, split, teacher_cache_dir)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.sharding.ShardOptions(shard_index=process_index,
+                                                  shard_count=process_count,
+                                                  drop_remainder=True),
+        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    operations: list[Any] = [PrepareExample()]
+    if augment is not None and augment != NO_AUGMENT:
+        operations.append(Augment(augment))
+    operations.append(grain.transforms.Batch(batch_size=batch_size,
+                                             drop_remainder=drop_remainder))
+    if worker_count > 0:
+        _allow_worker_processes()
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+                            read_options=grain.ReadOptions(num_threads=read_threads,
+                                                           prefetch_buffer_size=read_buffer))
+
+
+def save_iterator_state(iterator: Any, path: str | Path) -> None:
+    """Write ``iterator.get_state()`` atomically (so a kill never leaves half a state)."""
+    from rep_medsam_jax.io import write_bytes_atomic  # noqa: PLC0415
+
+    write_bytes_atomic(path, iterator.get_state())
+
+
+def restore_iterator(loader: grain.DataLoader, path: str | Path | None) -> Iterator:
+    """A fresh iterator of ``loader``, moved to the saved state when ``path`` exists."""
+    iterator = iter(loader)
+    if path is not None and os.path.exists(path):
+        iterator.set_state(Path(path).read_bytes())
+    return iterator

@@ -1,0 +1,413 @@
+"""Training sources: a folder of cases -> one validated uint8 image + integer label map per case.
+
+Two formats (SPEC §6.1, §6.2):
+
+* Challenge ``.npz``. Images under ``imgs`` ((H, W, 3) or (H, W) for 2D, (D, H, W) for 3D, uint8),
+  ground truth under ``gts`` (label map of the image's spatial shape, 0 = background) either in
+  the same file (the challenge's training files) or in a file of the same name in a ``gts/``
+  folder (the evaluation layout, and what :mod:`input_pipeline.phantoms` writes). Cases are looked
+  for in ``ROOT/*.npz`` and ``ROOT/inputs/*.npz``; separate ground truth in ``ROOT/gts/`` or,
+  when ROOT is itself an ``inputs`` folder, ``ROOT/../gts/``. 2D or 3D: by the name prefix when
+  there is one (``2D...`` / ``3D...``, the challenge's dispatch rule), else by the label map's
+  rank. Stored ``boxes`` are not needed for training (boxes are derived from the masks) but are
+  checked when present: a box past the image means the case does not fit its annotations.
+* NIfTI pairs (the nnU-Net / Medical Segmentation Decathlon layout): ``ROOT/imagesTr/X.nii.gz``
+  (or ``X_0000.nii.gz``; other channels are ignored) with ``ROOT/labelsTr/X.nii.gz``; the folder
+  names ``images`` / ``labels`` work too. Volumes are reoriented to axial (D, H, W) slices and
+  converted to uint8 with the same rules as inference (:mod:`rep_medsam_jax.io.cases`): CT
+  windowing (level / width per anatomy), else 0.5 / 99.5 percentile clipping. The modality comes
+  from a per-case ``X.json`` next to the image (``{"modality": "CT", "ct_window": [40, 400]}``),
+  else ``ROOT/dataset.json`` (``"modality": {"0": "CT"}`` or ``"channel_names": {"0": "CT"}``),
+  else the caller's default.
+
+Every problem with one case raises a :class:`rep_medsam_jax.io.CaseError` subclass whose message
+names the file, so the dataset builder can report it and go on with the next case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from rep_medsam_jax.io import (CaseError, CaseReadError, ImageDtypeError, ImageShapeError,
+                               MissingKeyError, NonFiniteImageError, intensities_to_uint8,
+                               validate_boxes, volume_to_dhw)
+
+NIFTI_IMAGE_DIRS = ("imagesTr", "images")
+NIFTI_LABEL_DIRS = ("labelsTr", "labels")
+MAX_LABEL = 65535          # label maps are resized as uint16 (OpenCV nearest supports it)
+
+
+class MissingLabelsError(CaseError):
+    """No ground truth for the case: no ``gts`` key and no matching file in ``gts/``."""
+
+
+class LabelMapError(CaseError):
+    """The label map does not fit the image (shape, geometry) or is not integer labels 0..65535."""
+
+
+class EmptyLabelsError(CaseError):
+    """The label map has no foreground: the case has nothing to train on."""
+
+
+class ConstantImageError(CaseError):
+    """Every pixel of the image has the same value: it carries no information."""
+
+
+class DuplicateCaseError(ValueError):
+    """Two files give the same case id (the split by case needs unique ids)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseSource:
+    """Where one training case lives.
+
+    label_path None: the labels are in the image npz under ``gts``.
+    modality / ct_window: NIfTI intensity rule (npz cases are already uint8).
+    """
+
+    case_id: str
+    kind: Literal["npz", "nifti"]
+    image_path: Path
+    label_path: Path | None = None
+    modality: str | None = None
+    ct_window: tuple[float, float] | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this case's content on disk (for the builder's per-case cache)."""
+        files = [self.image_path] + ([self.label_path] if self.label_path else [])
+        sidecar = self.image_path.with_name(self.case_id + ".json")
+        if self.kind == "nifti" and sidecar.is_file():
+            files.append(sidecar)
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return {"case_id": self.case_id, "kind": self.kind, "files": stats,
+                "modality": self.modality, "ct_window": self.ct_window}
+
+
+@dataclasses.dataclass(eq=False)
+class TrainingCase:
+    """One case, validated.
+
+    image: (H, W, 3) uint8 for 2D, (D, H, W) uint8 for 3D.
+    labels: (H, W) / (D, H, W) uint8 or uint16, 0 = background, k = object k.
+    """
+
+    case_id: str
+    modality: str
+    is_3d: bool
+    image: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.image.shape[0]) if self.is_3d else 1
+
+    def slice(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image (H, W, 3) uint8, labels (H, W)) of axial slice ``index`` (0 for 2D)."""
+        if not self.is_3d:
+            return self.image, self.labels
+        return np.repeat(self.image[index][:, :, None], 3, axis=2), self.labels[index]
+
+    def foreground_slices(self) -> np.ndarray:
+        """Indices of the slices with at least one labelled pixel, ascending."""
+        if not self.is_3d:
+            return np.arange(1) if self.labels.any() else np.arange(0)
+        return np.flatnonzero(self.labels.reshape(self.labels.shape[0], -1).any(axis=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Modality from names and metadata
+# --------------------------------------------------------------------------------------------
+
+def modality_from_name(case_id: str) -> str:
+    """``2DBox_CT_0001`` / ``3DBox_MR_x`` / ``CT_AbdomenCT1K_0001`` -> ``CT`` / ``MR`` / ``CT``.
+
+    The challenge names start with the modality, after an optional ``2DBox_`` / ``3DBox_`` /
+    ``2D_`` / ``3D_`` prefix. A name without an underscore gives ``"unknown"``.
+    """
+    parts = case_id.split("_")
+    if parts and parts[0] in ("2DBox", "3DBox", "2D", "3D"):
+        parts = parts[1:]
+    return parts[0] if len(parts) > 1 and parts[0] else "unknown"
+
+
+def _dataset_json_modality(root: Path) -> str | None:
+    path = root / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    for key in ("modality", "channel_names"):       # MSD, nnU-Net v2
+        table = content.get(key) if isinstance(content, dict) else None
+        if isinstance(table, dict) and isinstance(table.get("0"), str):
+            return table["0"]
+    return None
+
+
+def _read_nifti_sidecar(path: Path) -> dict[str, Any]:
+    """``{"modality": str, "ct_window": [level, width]}`` from X.json, both optional."""
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CaseReadError(f"{path}: cannot read the JSON sidecar: {err}") from None
+    if not isinstance(content, dict):
+        raise CaseReadError(f"{path}: the sidecar must be a JSON object")
+    result: dict[str, Any] = {}
+    if isinstance(content.get("modality"), str):
+        result["modality"] = content["modality"]
+    window = content.get("ct_window")
+    if window is not None:
+        if (not isinstance(window, list) or len(window) != 2
+                or not all(isinstance(v, (int, float)) for v in window) or window[1] <= 0):
+            raise CaseReadError(f"{path}: 'ct_window' must be [level, width] with width > 0")
+        result["ct_window"] = (float(window[0]), float(window[1]))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------
+
+def _visible(paths) -> list[Path]:
+    return sorted((p for p in paths if p.is_file() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def discover_sources(root: str | Path, *, default_modality: str | None = None,
+                     ct_window: tuple[float, float] | None = None) -> list[CaseSource]:
+    """All training cases under ``root`` (see the module docstring), sorted by case id.
+
+    default_modality / ct_window: the NIfTI intensity rule when neither a per-case sidecar nor
+    ``dataset.json`` names one. Raises DuplicateCaseError if two files give the same id and
+    NotADirectoryError if ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"source folder {root} does not exist or is not a folder")
+    sources: dict[str, CaseSource] = {}
+
+    def add(source: CaseSource) -> None:
+        if source.case_id in sources:
+            raise DuplicateCaseError(
+                f"case id {source.case_id!r} is given by both {sources[source.case_id].image_path}"
+                f" and {source.image_path}; case ids must be unique")
+        sources[source.case_id] = source
+
+    gts_dirs = [d for d in (root / "gts", root.parent / "gts" if root.name == "inputs" else None)
+                if d is not None and d.is_dir()]
+    for folder in (root, root / "inputs"):
+        if not folder.is_dir():
+            continue
+        for path in _visible(folder.glob("*.npz")):
+            label = next((d / path.name for d in gts_dirs if (d / path.name).is_file()), None)
+            add(CaseSource(path.stem, "npz", path, label))
+
+    image_dir = next((root / d for d in NIFTI_IMAGE_DIRS if (root / d).is_dir()), None)
+    label_dir = next((root / d for d in NIFTI_LABEL_DIRS if (root / d).is_dir()), None)
+    if image_dir is not None:
+        folder_modality = _dataset_json_modality(root) or default_modality
+        def label_for(stem: str) -> Path | None:
+            if label_dir is None:
+                return None
+            return next((label_dir / (stem + s) for s in (".nii.gz", ".nii")
+                         if (label_dir / (stem + s)).is_file()), None)
+
+        for path in _visible(list(image_dir.glob("*.nii.gz")) + list(image_dir.glob("*.nii"))):
+            stem = _nifti_stem(path)
+            label = label_for(stem)
+            channel = stem[-4:] if stem[-5:-4] == "_" and stem[-4:].isdigit() else None
+            if label is None and channel is not None and label_for(stem[:-5]) is not None:
+                if channel != "0000":        # nnU-Net: X_0000 is channel 0 of case X; the
+                    continue                 # other channels are not used
+                stem, label = stem[:-5], label_for(stem[:-5])
+            add(CaseSource(stem, "nifti", path, label, modality=folder_modality,
+                           ct_window=ct_window))
+    return [sources[key] for key in sorted(sources)]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+def image_to_uint8(array: np.ndarray, where: str) -> np.ndarray:
+    """uint8 as is; whole numbers within 0..255 of another numeric dtype converted.
+
+    NaN / infinity raise NonFiniteImageError; fractions, values outside 0..255 or non-numeric
+    dtypes raise ImageDtypeError (the challenge format is uint8, SPEC §6.1: converting silently
+    would change the intensities the model sees at inference).
+    """
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer)
+                                       or np.issubdtype(array.dtype, np.floating)):
+        raise ImageDtypeError(f"{where}: image dtype {array.dtype} is not a number type; "
+                              "expected uint8 0..255")
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise NonFiniteImageError(
+                f"{where}: image has {int(np.count_nonzero(~finite))} NaN or infinite pixel(s)")
+        if not np.all(array == np.round(array)):
+            raise ImageDtypeError(f"{where}: image dtype {array.dtype} has non-integer values; "
+                                  "expected uint8 0..255")
+    low, high = array.min(), array.max()
+    if low < 0 or high > 255:
+        raise ImageDtypeError(f"{where}: image dtype {array.dtype} has values in [{low}, {high}]"
+                              ", outside uint8 0..255")
+    return array.astype(np.uint8)
+
+
+def labels_to_integer(array: np.ndarray, where: str) -> np.ndarray:
+    """Label map -> uint8 (max < 256) or uint16; anything but whole numbers 0..65535 raises."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise LabelMapError(f"{where}: label map dtype {array.dtype} is not a number type")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise LabelMapError(f"{where}: label map has NaN or non-integer values; labels must "
+                                "be whole numbers (0 = background)")
+    if array.size and (array.min() < 0 or array.max() > MAX_LABEL):
+        raise LabelMapError(f"{where}: labels range over [{array.min()}, {array.max()}]; "
+                            f"expected 0..{MAX_LABEL}")
+    return array.astype(np.uint8 if array.size == 0 or array.max() < 256 else np.uint16)
+
+
+def _check_content(image: np.ndarray, labels: np.ndarray, where: str) -> None:
+    if image.size == 0:
+        raise ImageShapeError(f"{where}: image is empty (shape {image.shape})")
+    if image.min() == image.max():
+        raise ConstantImageError(f"{where}: every pixel has the value {int(image.min())}; "
+                                 "a constant image carries nothing to learn from")
+    if not labels.any():
+        raise EmptyLabelsError(f"{where}: the label map is all background (0): no object to "
+                               "train on")
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+
+def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The listed keys that exist in the npz (no pickles). Corrupt files -> CaseReadError."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: archive[k] for k in keys if k in archive.files} | {
+                "__keys__": np.array(sorted(archive.files))}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise CaseReadError(f"{path}: cannot read the npz: {err}") from None
+
+
+def _read_npz_case(source: CaseSource) -> TrainingCase:
+    where = str(source.image_path)
+    content = _load_npz(source.image_path, ("imgs", "gts", "boxes"))
+    if "imgs" not in content:
+        raise MissingKeyError(f"{where}: missing key 'imgs' (the image); keys present: "
+                              f"{content['__keys__'].tolist()}", key="imgs")
+    if source.label_path is not None:
+        label_content = _load_npz(source.label_path, ("gts",))
+        if "gts" not in label_content:
+            raise MissingLabelsError(f"{source.label_path}: missing key 'gts' (the labels)")
+        labels = label_content["gts"]
+    elif "gts" in content:
+        labels = content["gts"]
+    else:
+        raise MissingLabelsError(f"{where}: no ground truth: no 'gts' key in the file and no "
+                                 f"gts/{source.image_path.name} beside it")
+    image = image_to_uint8(np.asarray(content["imgs"]), where)
+    labels = labels_to_integer(np.asarray(labels), f"{source.label_path or where} (gts)")
+
+    name = source.case_id
+    is_3d = name.startswith("3D") if name[:2] in ("2D", "3D") else labels.ndim == 3
+    if is_3d:
+        if image.ndim != 3:
+            raise ImageShapeError(f"{where}: a 3D case needs imgs of shape (D, H, W), "
+                                  f"got {image.shape}")
+        spatial = image.shape
+    else:
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ImageShapeError(f"{where}: a 2D case needs imgs of shape (H, W, 3) or (H, W),"
+                                  f" got {image.shape}")
+        image = np.ascontiguousarray(image[:, :, :3])      # RGBA: alpha dropped (pre_grey_rgb)
+        spatial = image.shape[:2]
+    if labels.shape != tuple(spatial):
+        raise LabelMapError(f"{where}: gts shape {labels.shape} does not match the image's "
+                            f"spatial shape {tuple(spatial)}")
+    if "boxes" in content:
+        validate_boxes(content["boxes"], spatial, f"{where} (stored boxes)")
+    _check_content(image, labels, where)
+    return TrainingCase(name, modality_from_name(name), is_3d, image, labels)
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y, Z) float64 data and the affine; extra singleton axes dropped."""
+    import nibabel as nib  # noqa: PLC0415
+
+    try:
+        nifti = nib.load(path)
+        data = np.asarray(nifti.dataobj, dtype=np.float64)
+    except Exception as err:          # nibabel raises many types for broken files
+        raise CaseReadError(f"{path}: cannot read the NIfTI: {err}") from None
+    if data.ndim > 3 and any(n != 1 for n in data.shape[3:]):
+        raise ImageShapeError(f"{path}: expected one 3D volume, got shape {data.shape}")
+    if data.ndim < 2 or data.size == 0:
+        raise ImageShapeError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    data = data.reshape(data.shape[:3] + (1,) * (3 - min(data.ndim, 3)))
+    return data, np.asarray(nifti.affine)
+
+
+def _read_nifti_case(source: CaseSource) -> TrainingCase:
+    where = str(source.image_path)
+    if source.label_path is None:
+        raise MissingLabelsError(f"{where}: no label volume of the same name in labelsTr/ "
+                                 "or labels/")
+    sidecar = _read_nifti_sidecar(source.image_path.with_name(source.case_id + ".json"))
+    modality = sidecar.get("modality", source.modality)
+    ct_window = sidecar.get("ct_window", source.ct_window)
+
+    volume, affine = _load_nifti(source.image_path)
+    if not np.all(np.isfinite(volume)):
+        bad = int(np.count_nonzero(~np.isfinite(volume)))
+        raise NonFiniteImageError(f"{where}: volume has {bad} NaN or infinite voxel(s)")
+    label_volume, label_affine = _load_nifti(source.label_path)
+    if label_volume.shape != volume.shape:
+        raise LabelMapError(f"{source.label_path}: label volume shape {label_volume.shape} "
+                            f"differs from the image's {volume.shape}")
+    if not np.allclose(label_affine, affine, atol=1e-3):
+        raise LabelMapError(f"{source.label_path}: the label volume's affine differs from the "
+                            "image's: they do not lie on the same voxel grid")
+
+    dhw, _ = volume_to_dhw(volume, affine)
+    image = np.ascontiguousarray(intensities_to_uint8(dhw, modality, ct_window))
+    labels_dhw, _ = volume_to_dhw(label_volume, affine)
+    labels = np.ascontiguousarray(labels_to_integer(labels_dhw, f"{source.label_path}"))
+    _check_content(image, labels, where)
+    return TrainingCase(source.case_id, modality or "unknown", True, image, labels)
+
+
+def read_training_case(source: CaseSource) -> TrainingCase:
+    """Read and validate one case; raises a CaseError subclass naming the file on any problem."""
+    if not source.image_path.is_file():
+        raise CaseReadError(f"{source.image_path}: no such file")
+    if source.kind == "npz":
+        return _read_npz_case(source)
+    return _read_nifti_case(source)

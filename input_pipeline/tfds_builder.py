@@ -1,0 +1,453 @@
+"""A tensorflow-datasets builder: a folder of cases -> 2D training examples, split by case.
+
+Reading the result needs no TensorFlow: the files are ``array_record`` and every feature is a
+``Tensor`` / ``Scalar`` / ``Text`` (TOOLCHAIN.md). Read with
+``tfds.builder_from_directory(dataset_dir).as_data_source(split)`` (random access) or through
+:mod:`input_pipeline.loader`.
+
+Example features (S = ``image_size``, 256 by default):
+
+=============== ================ ==========================================================
+image           (S, S, 3) uint8  the slice resized (longest side S, INTER_AREA), zero-padded
+image_hw        (2,) int32       its valid (newh, neww); see ``examples.student_image``
+mask            (S, S) uint8     one object, {0, 1} (zlib-compressed on disk)
+box             (4,) int32       tight [x_min, y_min, x_max, y_max] of ``mask`` (inclusive)
+label           int32            the object's value in the case's label map
+slice_index     int32            axial slice index in the case (0 for 2D cases)
+case_id         text             the case's file name without extension
+modality        text             from the name (``3DBox_CT_x`` -> ``CT``) or NIfTI metadata
+=============== ================ ==========================================================
+
+Records are stored in a fixed order (cases sorted by id, then slices, then objects): shuffling
+happens at read time (grain), and a fixed order lets the teacher cache find every record's slice
+without reading the images (``records-<split>.npz``, written next to the dataset).
+
+Building runs in two stages, so that it is resumable and a bad case is never fatal:
+
+1. Per case (the expensive part: reading, resizing): the case's examples are written to
+   ``WORK_DIR/cases/<case_id>.npz`` atomically (temporary file + rename), keyed by a fingerprint
+   of its files and options. An interrupted build resumes with the first case not yet written;
+   a case that raises a :class:`~rep_medsam_jax.io.CaseError` (or anything else) is reported and
+   skipped. Progress is logged one line per case.
+2. tfds writes the splits from those per-case files (cheap). An interruption here redoes only
+   this stage (tfds writes into a temporary ``incomplete.*`` folder renamed at the end).
+
+Splits are by case: a seeded hash ranks the cases and the first ``round(fraction * n)`` (at least
+one when n >= 2 and fraction > 0) go to ``validation``, so no case has slices in both splits,
+and adding a case does not move the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from input_pipeline.examples import CaseExamples, make_case_examples
+from input_pipeline.sources import CaseSource, discover_sources, read_training_case
+from rep_medsam_jax.io import CaseError, atomic_write, write_text_atomic
+
+DATASET_NAME = "med_sam_slices"
+CACHE_FORMAT = 1
+SPLITS = ("train", "validation")
+_LOG = logging.getLogger(__name__)
+
+
+class BuildError(RuntimeError):
+    """The dataset cannot be built at all (no usable case, or options clash with a build)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """Everything that changes the built dataset's content.
+
+    image_size: S, the square example size (256 for the model; smaller for quick tests).
+    validation_fraction / split_seed: the split by case.
+    min_mask_pixels: objects smaller than this at S x S are dropped.
+    default_modality / ct_window: NIfTI intensity rule when no metadata names one.
+    """
+
+    image_size: int = 256
+    validation_fraction: float = 0.1
+    split_seed: int = 0
+    min_mask_pixels: int = 1
+    default_modality: str | None = None
+    ct_window: tuple[float, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["ct_window"] = list(self.ct_window) if self.ct_window else None
+        return data
+
+
+@dataclasses.dataclass
+class CaseReport:
+    """What happened to one case. status: "built", "reused" (from the per-case cache), "skipped"."""
+
+    case_id: str
+    source: str
+    status: str
+    slices: int = 0
+    examples: int = 0
+    error_type: str | None = None
+    message: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "skipped"
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """dataset_dir: the tfds version folder; split_sizes: examples per split."""
+
+    dataset_dir: Path
+    reports: list[CaseReport]
+    split_sizes: dict[str, int]
+    reused_existing: bool = False
+
+    @property
+    def skipped(self) -> list[CaseReport]:
+        return [r for r in self.reports if not r.ok]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: per-case examples, cached
+# --------------------------------------------------------------------------------------------
+
+def _case_fingerprint(source: CaseSource, options: BuildOptions) -> str:
+    content = {"format": CACHE_FORMAT, "source": source.fingerprint(),
+               "image_size": options.image_size, "min_mask_pixels": options.min_mask_pixels}
+    return json.dumps(content, sort_keys=True, default=str)
+
+
+def save_case_examples(path: Path, examples: CaseExamples, fingerprint: str) -> None:
+    """Write one case's examples atomically (no half-written file survives a kill)."""
+    meta = {"fingerprint": fingerprint, "case_id": examples.case_id,
+            "modality": examples.modality, "notes": examples.notes}
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, meta=np.array(json.dumps(meta)), images=examples.images,
+                            image_hw=examples.image_hw, slice_index=examples.slice_index,
+                            example_slice=examples.example_slice, masks=examples.masks,
+                            boxes=examples.boxes, labels=examples.labels)
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return json.loads(str(archive["meta"]))
+    except Exception:       # unreadable cache entry: rebuild the case
+        return None
+
+
+def load_case_examples(path: Path) -> CaseExamples:
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive["meta"]))
+        return CaseExamples(case_id=meta["case_id"], modality=meta["modality"],
+                            images=archive["images"], image_hw=archive["image_hw"],
+                            slice_index=archive["slice_index"],
+                            example_slice=archive["example_slice"], masks=archive["masks"],
+                            boxes=archive["boxes"], labels=archive["labels"],
+                            notes=meta["notes"])
+
+
+def prepare_cases(sources: list[CaseSource], work_dir: Path, options: BuildOptions, *,
+                  on_case_done: Callable[[CaseReport], None] | None = None,
+                  log: Callable[[str], None] = _LOG.info) -> list[CaseReport]:
+    """Stage 1 for every source (see the module docstring); returns one report per case."""
+    cases_dir = work_dir / "cases"
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for number, source in enumerate(sources, start=1):
+        start = time.perf_counter()
+        path = cases_dir / f"{source.case_id}.npz"
+        fingerprint = _case_fingerprint(source, options)
+        meta = _read_meta(path) if path.is_file() else None
+        if meta is not None and meta["fingerprint"] == fingerprint:
+            with np.load(path, allow_pickle=False) as archive:
+                report = CaseReport(source.case_id, str(source.image_path), "reused",
+                                    slices=int(archive["slice_index"].shape[0]),
+                                    examples=int(archive["labels"].shape[0]),
+                                    notes=meta["notes"])
+        else:
+            report = _build_case(source, path, fingerprint, options)
+        report.seconds = time.perf_counter() - start
+        reports.append(report)
+        log(_progress_line(number, len(sources), report))
+        if on_case_done is not None:
+            on_case_done(report)
+    return reports
+
+
+def _build_case(source: CaseSource, path: Path, fingerprint: str,
+                options: BuildOptions) -> CaseReport:
+    def skipped(error_type: str, message: str) -> CaseReport:
+        path.unlink(missing_ok=True)         # a stale cache entry must not be used
+        return CaseReport(source.case_id, str(source.image_path), "skipped",
+                          error_type=error_type, message=message)
+
+    try:
+        case = read_training_case(source)
+        examples = make_case_examples(case, options.image_size, options.min_mask_pixels)
+    except CaseError as err:
+        return skipped(type(err).__name__, str(err))
+    except Exception as err:        # never lose a long build to one odd file; say what it was
+        _LOG.debug("unexpected error in %s:\n%s", source.image_path, traceback.format_exc())
+        return skipped(type(err).__name__, f"{source.image_path}: unexpected error: {err}")
+    if examples.num_examples == 0:
+        return skipped("NoExamplesError", f"{source.image_path}: no object survived the resize "
+                       f"to {options.image_size}x{options.image_size}; "
+                       + "; ".join(examples.notes))
+    save_case_examples(path, examples, fingerprint)
+    return CaseReport(source.case_id, str(source.image_path), "built",
+                      slices=int(examples.slice_index.shape[0]),
+                      examples=examples.num_examples, notes=examples.notes)
+
+
+def _progress_line(number: int, total: int, report: CaseReport) -> str:
+    head = f"[{number}/{total}] {report.case_id}: "
+    if not report.ok:
+        return head + f"SKIPPED ({report.error_type}) {report.message}"
+    notes = f"; {'; '.join(report.notes)}" if report.notes else ""
+    return (head + f"{report.status}, {report.slices} slice(s), {report.examples} example(s) "
+            f"({report.seconds:.2f} s){notes}")
+
+
+# --------------------------------------------------------------------------------------------
+# Splits by case
+# --------------------------------------------------------------------------------------------
+
+def assign_splits(case_ids: list[str], validation_fraction: float,
+                  seed: int) -> dict[str, list[str]]:
+    """{"train": [...], "validation": [...]}, each sorted; disjoint by construction."""
+    ranked = sorted(case_ids,
+                    key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
+    count = len(ranked)
+    n_val = 0
+    if validation_fraction > 0 and count >= 2:
+        n_val = min(count - 1, max(1, round(validation_fraction * count)))
+    return {"train": sorted(ranked[n_val:]), "validation": sorted(ranked[:n_val])}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: the tfds builder
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class MedSamSlicesConfig(tfds.core.BuilderConfig):
+    """One config per example size (the size is part of the data, hence of the path)."""
+
+    image_size: int = 256
+
+
+def config_for_size(image_size: int) -> MedSamSlicesConfig:
+    return MedSamSlicesConfig(name=f"size{image_size}", image_size=image_size,
+                              description=f"{image_size}x{image_size} examples")
+
+
+class MedSamSlices(tfds.core.GeneratorBasedBuilder):
+    """Per-slice, per-object training examples from challenge npz and NIfTI cases.
+
+    The case folder is the tfds "manual dir" (``DownloadConfig(manual_dir=...)``); prefer
+    :func:`build_dataset`, which also writes the record index and the build report.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Per-slice, per-object examples, split by case."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Pass the folder of cases as manual_dir: challenge .npz files (ROOT/*.npz or "
+        "ROOT/inputs/*.npz, ground truth inside or in ROOT/gts/) and/or NIfTI pairs "
+        "(ROOT/imagesTr + ROOT/labelsTr). See input_pipeline/sources.py.")
+    BUILDER_CONFIGS = [config_for_size(256)]
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # tfds finds this through importlib.resources of the top package, which fails when the
+        # package is seen as a namespace package (an editable install made before it had an
+        # __init__.py); the answer is simply this file.
+        return epath.Path(__file__)
+
+    def __init__(self, *, options: BuildOptions | None = None, work_dir: str | Path | None = None,
+                 on_case_done: Callable[[CaseReport], None] | None = None,
+                 log: Callable[[str], None] = _LOG.info, **kwargs: Any):
+        self.options = options or BuildOptions()
+        config = config_for_size(self.options.image_size)
+        known = {c.name for c in self.BUILDER_CONFIGS}     # tfds wants those by name
+        kwargs.setdefault("config", config.name if config.name in known else config)
+        self._on_case_done = on_case_done
+        self._log = log
+        self.reports: list[CaseReport] = []
+        self.record_index: dict[str, dict[str, list]] = {}
+        super().__init__(**kwargs)
+        # Default: DATA_DIR/med_sam_slices_work/size256 (data_dir is DATA_DIR/name/config/version).
+        self.work_dir = (Path(work_dir) if work_dir else Path(self.data_dir).parent.parent.parent
+                         / f"{DATASET_NAME}_work" / self.builder_config.name)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.builder_config.image_size
+        tensor, scalar = tfds.features.Tensor, tfds.features.Scalar
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Rep-MedSAM training examples: one object of one slice per example.",
+            features=tfds.features.FeaturesDict({
+                "image": tensor(shape=(size, size, 3), dtype=np.uint8),
+                "image_hw": tensor(shape=(2,), dtype=np.int32),
+                "mask": tensor(shape=(size, size), dtype=np.uint8,
+                               encoding=tfds.features.Encoding.ZLIB),
+                "box": tensor(shape=(4,), dtype=np.int32),
+                "label": scalar(dtype=np.int32),
+                "slice_index": scalar(dtype=np.int32),
+                "case_id": tfds.features.Text(),
+                "modality": tfds.features.Text(),
+            }),
+            disable_shuffling=True,      # a fixed record order: see the module docstring
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        options = self.options
+        root = Path(dl_manager.manual_dir)
+        sources = discover_sources(root, default_modality=options.default_modality,
+                                   ct_window=options.ct_window)
+        if not sources:
+            raise BuildError(f"no case found in {root} (see input_pipeline/sources.py for the "
+                             "layouts read)")
+        self._log(f"{len(sources)} case(s) in {root}; per-case work in {self.work_dir}")
+        self.reports = prepare_cases(sources, self.work_dir, options,
+                                     on_case_done=self._on_case_done, log=self._log)
+        built = [r.case_id for r in self.reports if r.ok]
+        if not built:
+            raise BuildError(f"none of the {len(sources)} case(s) in {root} could be used; "
+                             "every one was skipped (see the log)")
+        splits = assign_splits(built, options.validation_fraction, options.split_seed)
+        return {split: self._generate_examples(split, cases)
+                for split, cases in splits.items() if cases}
+
+    def _generate_examples(self, split: str, case_ids: list[str]
+                           ) -> Iterator[tuple[str, dict[str, Any]]]:
+        index = self.record_index[split] = {"case_ids": list(case_ids), "case": [],
+                                            "slice_index": [], "label": []}
+        for case_number, case_id in enumerate(case_ids):
+            examples = load_case_examples(self.work_dir / "cases" / f"{case_id}.npz")
+            for e in range(examples.num_examples):
+                row = int(examples.example_slice[e])
+                slice_index = int(examples.slice_index[row])
+                label = int(examples.labels[e])
+                index["case"].append(case_number)
+                index["slice_index"].append(slice_index)
+                index["label"].append(label)
+                yield f"{case_id}/{slice_index:05d}/{label:05d}", {
+                    "image": examples.images[row],
+                    "image_hw": examples.image_hw[row],
+                    "mask": examples.masks[e],
+                    "box": examples.boxes[e],
+                    "label": label,
+                    "slice_index": slice_index,
+                    "case_id": case_id,
+                    "modality": examples.modality,
+                }
+
+
+# --------------------------------------------------------------------------------------------
+# Record index and the whole build
+# --------------------------------------------------------------------------------------------
+
+def records_path(dataset_dir: str | Path, split: str) -> Path:
+    return Path(dataset_dir) / f"records-{split}.npz"
+
+
+def write_record_index(dataset_dir: Path, split: str, index: dict[str, list]) -> None:
+    """``records-<split>.npz``: per record (in storage order) its case number, slice and label,
+    plus the case ids (``case_ids[case]``)."""
+    with atomic_write(records_path(dataset_dir, split)) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, case_ids=np.array(index["case_ids"], dtype=str),
+                 case=np.asarray(index["case"], np.int32),
+                 slice_index=np.asarray(index["slice_index"], np.int32),
+                 label=np.asarray(index["label"], np.int32))
+
+
+def read_record_index(dataset_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+    """The arrays of :func:`write_record_index` (``case_ids``, ``case``, ``slice_index``,
+    ``label``)."""
+    with np.load(records_path(dataset_dir, split), allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _remove_stale_incomplete_dirs(version_dir: Path) -> None:
+    """A killed tfds run leaves ``incomplete.XXXXXX_<version>`` beside the version folder."""
+    parent = version_dir.parent
+    if parent.is_dir():
+        for stale in parent.glob(f"incomplete.*_{version_dir.name}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def build_dataset(source_dir: str | Path, data_dir: str | Path,
+                  options: BuildOptions | None = None, *, work_dir: str | Path | None = None,
+                  overwrite: bool = False,
+                  on_case_done: Callable[[CaseReport], None] | None = None,
+                  log: Callable[[str], None] = _LOG.info) -> BuildResult:
+    """Build (or resume building) the dataset of ``source_dir`` under ``data_dir``.
+
+    Returns where it is and what happened to every case; the report is also written to
+    ``<dataset_dir>/build_report.json``. An existing dataset built with the same options is
+    reused (``overwrite=True`` rebuilds it, still reusing the per-case work); one built with
+    other options raises BuildError.
+    """
+    options = options or BuildOptions()
+    builder = MedSamSlices(options=options, work_dir=work_dir, on_case_done=on_case_done,
+                           log=log, data_dir=str(data_dir), file_format="array_record")
+    dataset_dir = Path(builder.data_dir)
+    params_path = dataset_dir / "build_params.json"
+    # build_params.json is written last: without it a prepared tfds dataset is incomplete.
+    complete = builder.is_prepared() and params_path.is_file()
+    if complete and not overwrite:
+        stored = json.loads(params_path.read_text())
+        if stored.get("options") != options.to_json():
+            raise BuildError(f"{dataset_dir} was built with other options "
+                             f"({stored.get('options')}); use another data dir or overwrite")
+        report = json.loads((dataset_dir / "build_report.json").read_text())
+        log(f"dataset already built at {dataset_dir}; reusing it")
+        return BuildResult(dataset_dir, [CaseReport(**r) for r in report["cases"]],
+                           report["split_sizes"], reused_existing=True)
+
+    _remove_stale_incomplete_dirs(dataset_dir)
+    modes = tfds.download.GenerateMode
+    mode = (modes.REUSE_CACHE_IF_EXISTS if overwrite or builder.is_prepared()
+            else modes.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(source_dir), download_mode=mode, try_download_gcs=False))
+
+    split_sizes = {}
+    for split, index in builder.record_index.items():
+        write_record_index(dataset_dir, split, index)
+        split_sizes[split] = len(index["case"])
+    document = {"split_sizes": split_sizes,
+                "cases": [dataclasses.asdict(r) for r in builder.reports]}
+    write_text_atomic(dataset_dir / "build_report.json", json.dumps(document, indent=1))
+    write_text_atomic(params_path, json.dumps({"options": options.to_json(),
+                                               "splits": {s: i["case_ids"] for s, i in
+                                                          builder.record_index.items()}},
+                                              indent=1))
+    skipped = [r for r in builder.reports if not r.ok]
+    log(f"built {dataset_dir}: " + ", ".join(f"{s} {n} examples" for s, n in split_sizes.items())
+        + f"; {len(skipped)} case(s) skipped" + "".join(
+            f"\n  skipped {r.case_id}: {r.error_type}: {r.message}" for r in skipped))
+    return BuildResult(dataset_dir, builder.reports, split_sizes)
+
+
+def open_split(dataset_dir: str | Path, split: str):
+    """Random-access tfds data source of one split (no TensorFlow needed)."""
+    return tfds.builder_from_directory(str(dataset_dir)).as_data_source(split)
