@@ -125,6 +125,28 @@ def micro_onnx(export: Path, repeats: int) -> dict:
     """)
 
 
+def micro_openvino(export: Path, repeats: int) -> dict:
+    return _python(f"""
+        import json, statistics, time, numpy as np
+        from rep_medsam_jax.predictor.openvino_backend import OpenVinoBackend
+        def median(fn, n={repeats}):
+            fn(); ts = []
+            for _ in range(n):
+                t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+            return statistics.median(ts)
+        x = np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
+        out = {{}}
+        for name in ("encoder.onnx", "encoder_int8.onnx"):
+            b = OpenVinoBackend("{export}", encoder_file=name)
+            out[name] = median(lambda: b.encode(x))
+        emb = b.encode(x)
+        for n in (1, 16):
+            boxes = np.tile(np.array([[30, 40, 200, 180]], np.float32), (n, 1))
+            out[f"decoder_{{n}}"] = median(lambda: b.decode(emb, boxes))
+        print(json.dumps(out))
+    """)
+
+
 def micro_torch(checkpoint: Path, repeats: int) -> dict:
     return _python(f"""
         import json, statistics, time, numpy as np, torch
@@ -196,6 +218,19 @@ def main() -> None:
     print(f"ours 16 batched         {ours['decoder_16'] * 1e3:8.1f} ms "
           f"({ours['decoder_16'] / 16 * 1e3:.1f} ms/box)   "
           f"{ours['decoder_16'] / ref['decoder_16_looped']:.2f}x PyTorch 16 looped")
+
+    try:
+        import openvino  # noqa: F401
+        vino = micro_openvino(paths["export"], args.repeats)
+    except ImportError:
+        vino = None
+    if vino:
+        print("\n== OpenVINO on the same ONNX files (median; ratio vs onnxruntime) ==")
+        for key, label in (("encoder.onnx", "encoder fp32"), ("encoder_int8.onnx",
+                           "encoder int8"), ("decoder_1", "decoder 1 box"),
+                           ("decoder_16", "decoder 16 boxes")):
+            print(f"{label:19s} {vino[key] * 1e3:8.1f} ms   {vino[key] / ours[key]:.2f}x "
+                  f"onnxruntime ({ours[key] * 1e3:.1f} ms)")
 
     print("\n== whole case, process start to output written (one process per case) ==")
     print(f"{'case':26s} {'PyTorch ref':>12s} {'ours (onnx)':>12s} {'ratio':>7s}")

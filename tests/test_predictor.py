@@ -227,3 +227,14 @@ def test_cli_predict_and_evaluate_end_to_end(tiny_export_dir, tmp_path, capsys):
     assert main(["predict", "-i", str(data.inputs_dir), "-o", str(tmp_path / "pred2"),
                  "--model", str(tmp_path / "nowhere"), "-q"]) == 2
     assert "no such model" in capsys.readouterr().err
+
+
+def test_openvino_backend_gives_the_onnx_masks(tiny_export_dir):
+    pytest.importorskip("openvino")
+    from rep_medsam_jax.predictor.backend import open_backend
+
+    onnx_backend = open_backend(tiny_export_dir, "onnx")
+    openvino_backend = open_backend(tiny_export_dir, "openvino")
+    image, _, boxes = make_case_2d(np.random.default_rng(2), "MR", 128)
+    a, b = predict_2d(onnx_backend, image, boxes), predict_2d(openvino_backend, image, boxes)
+    assert min(_label_dice(a, b)) >= 0.99 and a.any()
