@@ -87,13 +87,34 @@ def build_model(config: ModelConfig) -> MedSAMLite:
     return MedSAMLite(config)
 
 
-def init_variables(config: ModelConfig, rng: jax.Array, batch: int = 1) -> dict:
-    """Randomly initialised variables for ``config`` (all three parts)."""
+def init_variables(config: ModelConfig, rng: jax.Array | int) -> dict:
+    """Randomly initialised variables for ``config`` (all three parts), NumPy leaves.
+
+    Fast on a CPU: drawing hundreds of parameter tensors with the default threefry generator
+    makes ``init`` compile for tens of seconds (eager init is as slow). So the RepViT encoder is
+    drawn on the host with NumPy (``init_repvit``, PyTorch's initialisation) and the rest is a
+    jitted ``init`` with an ``rbg`` key. ``rng``: a JAX key or an int seed.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    seed = rng if isinstance(rng, int) else int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
     model = build_model(config)
-    images = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
-    boxes = jnp.tile(jnp.array([[0.0, 0.0, 8.0, 8.0]], jnp.float32), (batch, 1))
-    if config.encoder == "none":
-        embedding = jnp.zeros((batch, config.embedding_size, config.embedding_size,
-                               config.decoder.embed_dim), jnp.float32)
-        return dict(model.init(rng, embedding, boxes, method=MedSAMLite.decode))
-    return dict(model.init(rng, images, boxes))
+    key = jax.random.key(seed, impl="rbg")
+    boxes = jnp.array([[0.0, 0.0, 8.0, 8.0]], jnp.float32)
+    if config.encoder == "vit":
+        images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+        variables = jax.jit(model.init)(key, images, boxes)
+        return jax.tree_util.tree_map(np.asarray, dict(variables))
+    embedding = jnp.zeros((1, config.embedding_size, config.embedding_size,
+                           config.decoder.embed_dim), jnp.float32)
+    heads = jax.jit(lambda k: model.init(k, embedding, boxes, method=MedSAMLite.decode))(key)
+    variables = jax.tree_util.tree_map(np.asarray, dict(heads))
+    if config.encoder == "repvit":
+        from rep_medsam_jax.models.repvit import init_repvit  # noqa: PLC0415
+
+        encoder = init_repvit(seed, REPVIT_VARIANTS[config.encoder_variant],
+                              deploy=config.deployed)
+        for collection, tree in encoder.items():
+            variables.setdefault(collection, {})["image_encoder"] = jax.tree_util.tree_map(
+                np.asarray, tree)
+    return variables
