@@ -125,44 +125,60 @@ def get_bbox256(mask256: np.ndarray, expand: int = 3, upper: int = STUDENT_SIZE 
 # ---------------------------------------------------------------------------
 
 
-def _rescale_to_uint8(values: np.ndarray) -> np.ndarray:
-    """float64 -> uint8: min-max to 0..255, then truncation like np.uint8(...).
+DEFAULT_CT_WINDOW = (40.0, 400.0)      # (level, width) in HU: pre_CT_MR.py's CLI defaults
+PERCENTILES = (0.5, 99.5)
 
-    A constant input (zero range) maps to 0 instead of the reference's 0/0.
+
+def _clip_min_max_to_uint8(volume: np.ndarray, low: float, high: float) -> np.ndarray:
+    """clip(volume, low, high), then min-max the clipped values to 0..255, truncated to uint8.
+
+    The min-max range is the clipped volume's own (as the reference computes it), found from the
+    volume's extremes without a clipped copy; the arithmetic is float64 one slice (axis-0 entry)
+    at a time, so a 512 x 512 x 300 CT needs no float64 copy of the whole volume.
     """
-    low = values.min()
-    span = values.max() - low
-    scaled = (values - low) / span * 255.0 if span > 0 else np.zeros_like(values)
-    return scaled.astype(np.uint8)
+    volume = np.asarray(volume)
+    out = np.zeros(volume.shape, np.uint8)
+    if volume.size == 0:
+        return out
+    lowest = float(np.clip(volume.min(), low, high))
+    highest = float(np.clip(volume.max(), low, high))
+    if highest <= lowest:            # constant after clipping: all zeros
+        return out
+    for index in range(volume.shape[0]) if volume.ndim > 1 else [slice(None)]:
+        chunk = np.clip(volume[index].astype(np.float64), lowest, highest)
+        out[index] = ((chunk - lowest) / (highest - lowest) * 255.0).astype(np.uint8)
+    return out
 
 
-def window_ct(volume: np.ndarray, level: float = 40.0, width: float = 400.0) -> np.ndarray:
-    """CT intensities (any shape, Hounsfield units) -> uint8 with a window.
+def min_max_to_uint8(volume: np.ndarray) -> np.ndarray:
+    """Min-max to 0..255, truncated to uint8 (``pre_grey_rgb.py``'s rule for > 8-bit images)."""
+    volume = np.asarray(volume)
+    return _clip_min_max_to_uint8(volume, float(volume.min()), float(volume.max()))
 
-    Clips to [level - width/2, level + width/2], then rescales with the *clipped volume's*
-    own min/max (not the window bounds) to 0..255 and truncates, as the reference does.
-    Defaults are the soft-tissue window (40, 400); Rep-MedSAM's utils script uses width 1500.
+
+def window_ct(volume: np.ndarray, level: float = DEFAULT_CT_WINDOW[0],
+              width: float = DEFAULT_CT_WINDOW[1]) -> np.ndarray:
+    """HU volume -> uint8: clip to [level - width/2, level + width/2], min-max the clipped volume.
+
+    Same shape in and out. As ``pre_CT_MR.py``, the min-max uses the clipped volume's own range.
     """
-    lower, upper = level - width / 2, level + width / 2
-    return _rescale_to_uint8(np.clip(np.asarray(volume, dtype=np.float64), lower, upper))
+    return _clip_min_max_to_uint8(volume, level - width / 2.0, level + width / 2.0)
 
 
-def clip_percentiles(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """MR / other intensities (any shape) -> uint8 by percentile clipping.
+def percentile_to_uint8(volume: np.ndarray,
+                        percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
+    """MR / other volume -> uint8 (``pre_CT_MR.py``'s non-CT rule).
 
-    Percentiles are taken over the voxels > 0; the volume is clipped to them, min-max
-    rescaled to 0..255, voxels that were exactly 0 are set back to 0, then truncated.
+    Clip to the given percentiles of the voxels > 0 (all voxels when none is > 0), min-max to
+    0..255, set voxels that were exactly 0 back to 0, truncate to uint8. Same shape in and out.
     """
-    values = np.asarray(volume, dtype=np.float64)
-    foreground = values[values > 0]
-    if foreground.size == 0:
-        raise ValueError("volume has no voxels > 0 to take percentiles from")
-    lower, upper = np.percentile(foreground, low), np.percentile(foreground, high)
-    clipped = np.clip(values, lower, upper)
-    span = clipped.max() - clipped.min()
-    scaled = (clipped - clipped.min()) / span * 255.0 if span > 0 else np.zeros_like(clipped)
-    scaled[values == 0] = 0
-    return scaled.astype(np.uint8)
+    volume = np.asarray(volume)
+    positive = volume[volume > 0]
+    sample = positive if positive.size else volume.ravel()
+    low, high = np.percentile(sample, percentiles)
+    result = _clip_min_max_to_uint8(volume, float(low), float(high))
+    result[volume == 0] = 0
+    return result
 
 
 def teacher_input(image: np.ndarray, size: int = TEACHER_SIZE, keep_aspect: bool = False) -> np.ndarray:

@@ -118,17 +118,17 @@ def test_window_ct_hand_values():
     np.testing.assert_array_equal(preprocess.window_ct(np.full(3, 50.0)), [0, 0, 0])
 
 
-def test_clip_percentiles_hand_values():
+def test_percentile_to_uint8_hand_values():
     # foreground 1..201: 0.5th percentile = 1 + 0.005*200 = 2, 99.5th = 1 + 0.995*200 = 200
     volume = np.concatenate([np.zeros(50), np.arange(1, 202)]).astype(np.float32)
-    out = preprocess.clip_percentiles(volume)
+    out = preprocess.percentile_to_uint8(volume)
     assert out.dtype == np.uint8
     assert np.all(out[:50] == 0)
     # (x - 2) / 198 * 255 truncated: 1 -> 0 (clipped), 101 -> 127.5 -> 127, 200, 201 -> 255
     assert (out[50], out[50 + 100], out[50 + 199], out[50 + 200]) == (0, 127, 255, 255)
     assert out[50 + 51] == int((52 - 2) / 198 * 255)
-    with pytest.raises(ValueError):
-        preprocess.clip_percentiles(np.zeros(10))
+    # No voxel > 0: the percentiles of all voxels; a constant volume becomes zeros.
+    np.testing.assert_array_equal(preprocess.percentile_to_uint8(np.zeros(10)), np.zeros(10))
 
 
 def test_teacher_input_squashed_and_aspect_preserving():

@@ -85,13 +85,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rep_medsam_jax.preprocess import (DEFAULT_CT_WINDOW, PERCENTILES,  # noqa: F401
+                                       min_max_to_uint8, percentile_to_uint8, window_ct)
+
 NPZ_SUFFIXES = (".npz",)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SUPPORTED_SUFFIXES = NPZ_SUFFIXES + NIFTI_SUFFIXES + IMAGE_SUFFIXES
 
-DEFAULT_CT_WINDOW = (40.0, 400.0)      # (level, width) in HU: pre_CT_MR.py's CLI defaults
-PERCENTILES = (0.5, 99.5)
 LPS_AXCODES = ("L", "P", "S")
 
 OutputFormat = Literal["npz", "nifti", "png"]
@@ -493,58 +494,6 @@ def _sidecar_or_none(path: Path) -> Sidecar | None:
 # --------------------------------------------------------------------------------------------
 # Intensities and NIfTI orientation (public: the phantom / MNI generators reuse them)
 # --------------------------------------------------------------------------------------------
-
-def _clip_min_max_to_uint8(volume: np.ndarray, low: float, high: float) -> np.ndarray:
-    """clip(volume, low, high), then min-max the clipped values to 0..255, truncated to uint8.
-
-    The min-max range is the clipped volume's own (as the reference computes it), found from the
-    volume's extremes without a clipped copy; the arithmetic is float64 one slice (axis-0 entry)
-    at a time, so a 512 x 512 x 300 CT needs no float64 copy of the whole volume.
-    """
-    volume = np.asarray(volume)
-    out = np.zeros(volume.shape, np.uint8)
-    if volume.size == 0:
-        return out
-    lowest = float(np.clip(volume.min(), low, high))
-    highest = float(np.clip(volume.max(), low, high))
-    if highest <= lowest:            # constant after clipping: all zeros
-        return out
-    for index in range(volume.shape[0]) if volume.ndim > 1 else [slice(None)]:
-        chunk = np.clip(volume[index].astype(np.float64), lowest, highest)
-        out[index] = ((chunk - lowest) / (highest - lowest) * 255.0).astype(np.uint8)
-    return out
-
-
-def min_max_to_uint8(volume: np.ndarray) -> np.ndarray:
-    """Min-max to 0..255, truncated to uint8 (``pre_grey_rgb.py``'s rule for > 8-bit images)."""
-    volume = np.asarray(volume)
-    return _clip_min_max_to_uint8(volume, float(volume.min()), float(volume.max()))
-
-
-def window_ct(volume: np.ndarray, level: float = DEFAULT_CT_WINDOW[0],
-              width: float = DEFAULT_CT_WINDOW[1]) -> np.ndarray:
-    """HU volume -> uint8: clip to [level - width/2, level + width/2], min-max the clipped volume.
-
-    Same shape in and out. As ``pre_CT_MR.py``, the min-max uses the clipped volume's own range.
-    """
-    return _clip_min_max_to_uint8(volume, level - width / 2.0, level + width / 2.0)
-
-
-def percentile_to_uint8(volume: np.ndarray,
-                        percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
-    """MR / other volume -> uint8 (``pre_CT_MR.py``'s non-CT rule).
-
-    Clip to the given percentiles of the voxels > 0 (all voxels when none is > 0), min-max to
-    0..255, set voxels that were exactly 0 back to 0, truncate to uint8. Same shape in and out.
-    """
-    volume = np.asarray(volume)
-    positive = volume[volume > 0]
-    sample = positive if positive.size else volume.ravel()
-    low, high = np.percentile(sample, percentiles)
-    result = _clip_min_max_to_uint8(volume, float(low), float(high))
-    result[volume == 0] = 0
-    return result
-
 
 def intensities_to_uint8(volume: np.ndarray, modality: str | None = None,
                          ct_window: tuple[float, float] | None = None) -> np.ndarray:
