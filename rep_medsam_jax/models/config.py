@@ -120,6 +120,9 @@ VIT_VARIANTS: dict[str, ViTConfig] = {
     # Small enough for CPU tests: 128x128 input, 8x8 tokens, windows of 3 (so padding happens).
     "vit_tiny": ViTConfig(name="vit_tiny", img_size=128, embed_dim=64, depth=4, num_heads=4,
                           window_size=3, global_attn_indexes=(1, 3), out_chans=256),
+    # The demo's teacher for the tiny student at 64 x 64 (a 16 x 16 x 64 embedding).
+    "vit_demo": ViTConfig(name="vit_demo", img_size=256, embed_dim=64, depth=2, num_heads=2,
+                          window_size=4, global_attn_indexes=(1,), out_chans=64),
 }
 
 
