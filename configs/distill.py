@@ -1,0 +1,55 @@
+"""Stage 1 of 3 (paper Table 2): distil the RepViT encoder from MedSAM ViT-B's embeddings.
+
+5 epochs, AdamW lr 5e-4, batch 16, flips (mirrored onto the stored teacher embedding), no
+colour jitter. Loss: MSE(student embedding, teacher embedding) (SPEC §8.1). Only the image
+encoder trains; the prompt encoder and mask decoder come from MedSAM and stay frozen, so the
+validation DSC measures how well the student's embedding drives MedSAM's own decoder.
+
+Before: build the dataset and the teacher cache, and convert MedSAM (docs/training.md)::
+
+    python -m input_pipeline.build --source CASES --data-dir DATA
+    python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/1.0.0 \\
+        --split train --out CACHE/train --checkpoint medsam_vit_b.pth
+    python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/1.0.0 \\
+        --split validation --out CACHE/validation --checkpoint medsam_vit_b.pth
+    rep-medsam convert --from medsam medsam_vit_b.pth --out models/medsam_vit_b
+
+Launch (one device)::
+
+    python train.py --config configs/distill.py --workdir work_dirs/distill \\
+        --set data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
+        --set data.teacher_cache_dir=CACHE/train \\
+        --set data.eval_teacher_cache_dir=CACHE/validation \\
+        --set model.init_from=models/medsam_vit_b
+
+Without a cache, run the teacher in the step on the identically augmented image (exact, about
+8x the compute of the student): ``--set teacher.source=online
+--set teacher.model_dir=models/medsam_vit_b``.
+Multi-host: add ``--coordinator HOST:PORT --num-processes N --process-id I`` on every host
+(or ``--distributed-auto`` on a TPU pod slice / SLURM), see docs/training.md.
+"""
+
+from rep_medsam_jax.training.config import (DataSection, LossSection, ModelSection,
+                                            TeacherSection, TrainConfig)
+from rep_medsam_jax.training.optim import OptimConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        name="distill",
+        stage="distill",
+        # init_from: a MODEL_DIR whose prompt encoder and mask decoder are MedSAM's.
+        model=ModelSection(preset="rep_medsam", init_parts=("prompt_encoder", "mask_decoder")),
+        data=DataSection(augment="distill", flip_probability=0.5, worker_count=8),
+        teacher=TeacherSection(source="cache"),
+        loss=LossSection(distill_weight=1.0),
+        optim=OptimConfig(learning_rate=5e-4, weight_decay=0.01, clip="percentile",
+                          plateau_factor=0.9, plateau_patience=5,
+                          trainable=("image_encoder",)),
+        batch_size=16,
+        num_epochs=5,
+        best_metric="val/dsc",
+        best_mode="max",
+        plateau_metric="val/loss",
+        log_every_steps=50,
+    )

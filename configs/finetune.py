@@ -1,0 +1,35 @@
+"""Stage 3 of 3 (paper Table 4): fine-tune the whole pipeline with colour jitter.
+
+12 epochs, AdamW lr 2e-5, batch 16, torchvision ColorJitter(0.4, 0.5, 0.4, 0.2) then flips
+(p = 0.7 each) and box widening by 0..5 px (SPEC §8.2); the same loss, clipping and plateau rule
+as stage 2.
+
+Starts from stage 2's best checkpoint::
+
+    python train.py --config configs/finetune.py --workdir work_dirs/finetune \\
+        --set data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
+        --set model.init_from=work_dirs/pipeline
+
+The result, ``work_dirs/finetune/model``, is a MODEL_DIR: ``rep-medsam export`` and
+``rep-medsam predict`` take it directly. Multi-host: see docs/training.md.
+"""
+
+from rep_medsam_jax.training.config import DataSection, LossSection, ModelSection, TrainConfig
+from rep_medsam_jax.training.optim import OptimConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        name="finetune",
+        stage="seg",
+        model=ModelSection(preset="rep_medsam"),
+        data=DataSection(augment="finetune", flip_probability=0.7, box_shift=5, worker_count=8),
+        loss=LossSection(dice=1.0, bce=1.0, iou=1.0, squared=True),
+        optim=OptimConfig(learning_rate=2e-5, weight_decay=0.01, clip="percentile",
+                          plateau_factor=0.9, plateau_patience=5),
+        batch_size=16,
+        num_epochs=12,
+        best_metric="val/dsc",
+        best_mode="max",
+        log_every_steps=50,
+    )

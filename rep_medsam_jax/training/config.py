@@ -1,0 +1,465 @@
+"""Training configuration: frozen dataclasses, loaded from a Python or JSON config file,
+overridden with ``--set key=value``, and checked before any compute (:func:`validate`).
+
+A config file (``configs/*.py``) defines ``get_config() -> TrainConfig``; a ``.json`` file holds
+``TrainConfig.to_json()``. Overrides use dotted paths into the dataclasses
+(``optim.learning_rate=1e-4``, ``data.dataset_dir=/data/x``, ``model.trainable=[...]``); the
+value is parsed as a Python/JSON literal when it is one, else taken as a string, and converted
+to the type of the field it replaces.
+
+This module imports neither JAX nor the input pipeline, so a bad config fails in a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rep_medsam_jax.losses import SegLossWeights
+from rep_medsam_jax.training.optim import OptimConfig
+
+STAGES = ("distill", "seg")
+AUGMENTS = ("finetune", "pipeline", "distill", "none")
+TEACHER_SOURCES = ("cache", "online")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Which model, and where its initial weights come from.
+
+    preset: a key of ``models.config.MODEL_PRESETS``. image_size: override the preset's input
+    size (the embedding grid follows, size / 4), for small CPU runs.
+    init_from: a MODEL_DIR (e.g. converted MedSAM heads for distillation, or the previous
+    stage's exported ``WORKDIR/model``) or a previous stage's WORKDIR (its best, else latest,
+    checkpoint). init_parts: which parts to take from it; the others start random.
+    """
+
+    preset: str = "rep_medsam"
+    image_size: int = 0
+    init_from: str = ""
+    init_parts: tuple[str, ...] = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Where examples come from and how they are augmented.
+
+    dataset_dir: a built dataset (``python -m input_pipeline.build``), the tfds version folder
+    ``DATA/med_sam_slices/size<S>/1.0.0``. Or, for laptops and tests, ``phantoms = (n2d, n3d)``:
+    that many built-in phantom cases are written and built into ``WORKDIR/data`` at
+    ``phantom_image_size``.
+    augment: "finetune" (colour jitter + flips p=0.7 + box jitter, SPEC §8.2), "pipeline" (the
+    same without colour jitter), "distill" (flips only) or "none".
+    teacher_cache_dir / eval_teacher_cache_dir: teacher embeddings of the train / validation
+    split (``python -m input_pipeline.teacher_cache``), for distillation with teacher "cache".
+    """
+
+    dataset_dir: str = ""
+    phantoms: tuple[int, ...] = ()
+    phantom_seed: int = 0
+    phantom_image_size: int = 256
+    phantom_modalities: tuple[str, ...] = ()
+    validation_fraction: float = 0.1
+    train_split: str = "train"
+    eval_split: str = "validation"
+    augment: str = "finetune"
+    flip_probability: float = 0.7
+    box_shift: int = 5
+    teacher_cache_dir: str = ""
+    eval_teacher_cache_dir: str = ""
+    worker_count: int = 0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSection:
+    """The distillation target: "cache" (embeddings stored per example) or "online" (a ViT
+    teacher run in the step on the same augmented image). Online weights: ``model_dir`` (a
+    converted MedSAM ViT-B) or, for tests and smoke runs, random weights of ``variant``."""
+
+    source: str = "cache"
+    model_dir: str = ""
+    variant: str = "medsam_vit_b"
+    random_seed: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    """Segmentation loss weights (``losses.SegLossWeights``) and the distillation weight."""
+
+    dice: float = 1.0
+    bce: float = 1.0
+    iou: float = 1.0
+    squared: bool = True
+    distill_weight: float = 1.0
+
+    def seg_weights(self) -> SegLossWeights:
+        return SegLossWeights(self.dice, self.bce, self.iou, self.squared)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run (one stage).
+
+    stage: "distill" (encoder embedding MSE) or "seg" (the whole pipeline).
+    batch_size: the global batch over all devices and processes.
+    num_epochs: passes over the train split (fractions allowed); total_steps > 0 overrides.
+    eval_every_steps / checkpoint_every_steps: 0 means once per epoch / at every evaluation.
+    plateau_metric: the validation metric fed to reduce-on-plateau ("val/loss").
+    best_metric / best_mode: which checkpoint is kept as the best.
+    """
+
+    name: str = "run"
+    stage: str = "seg"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    loss: LossSection = LossSection()
+    optim: OptimConfig = OptimConfig()
+    batch_size: int = 16
+    num_epochs: float = 1.0
+    total_steps: int = 0
+    compute_dtype: str = "float32"
+    eval_every_steps: int = 0
+    eval_max_batches: int = 0
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    best_metric: str = "val/dsc"
+    best_mode: str = "max"
+    plateau_metric: str = "val/loss"
+    log_every_steps: int = 20
+    progress_bar: bool = True
+    export_model: bool = True
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data, "")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overriding
+# --------------------------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` converted to the field type ``annotation`` (raises ConfigError)."""
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(annotation, value, key + ".")
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type, *_rest) = typing.get_args(annotation) or (Any,)
+        return tuple(_coerce(v, item_type, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if number != int(number):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    types_ = _field_types(cls)
+    unknown = set(data) - set(types_)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + u for u in unknown)}; "
+                          f"known under '{prefix or '<top>'}': {sorted(types_)}")
+    return cls(**{k: _coerce(v, types_[k], prefix + k) for k, v in data.items()})
+
+
+def _parse_literal(text: str) -> Any:
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError):
+            continue
+    return text
+
+
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """``["optim.learning_rate=1e-4", ...]`` applied in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        config = _replace_path(config, key.strip().split("."), _parse_literal(text.strip()), key)
+    return config
+
+
+def _replace_path(node: Any, path: list[str], value: Any, key: str) -> Any:
+    types_ = _field_types(type(node))
+    name = path[0]
+    if name not in types_:
+        raise ConfigError(f"--set {key}: no key {name!r} here; known: {sorted(types_)}")
+    if len(path) == 1:
+        return dataclasses.replace(node, **{name: _coerce(value, types_[name], key)})
+    child = getattr(node, name)
+    if not dataclasses.is_dataclass(child):
+        raise ConfigError(f"--set {key}: {name!r} is not a section")
+    return dataclasses.replace(node, **{name: _replace_path(child, path[1:], value, key)})
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A config file (``configs/x.py`` with ``get_config()``, ``configs/x`` for the same, or a
+    ``.json``) with ``overrides`` applied."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and path.with_suffix(".py").exists():
+        path = path.with_suffix(".py")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.suffix == ".json":
+        config = TrainConfig.from_json(json.loads(path.read_text()))
+    else:
+        spec = importlib.util.spec_from_file_location(f"_train_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path}: a config file must define get_config()")
+        config = module.get_config()
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"{path}: get_config() must return a TrainConfig")
+    return apply_overrides(config, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (no compute, no JAX)
+# --------------------------------------------------------------------------------------------
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: TrainConfig, workdir: str | Path | None = None,
+             device_count: int | None = None, process_count: int = 1) -> None:
+    """Check every value and every path the run will need; raise ConfigError on the first
+    problem. With ``device_count`` the batch must split evenly over the devices; with
+    ``workdir`` existing checkpoints there must be of the same model."""
+    from rep_medsam_jax.models.config import MODEL_PRESETS  # noqa: PLC0415
+
+    _need(config.stage in STAGES, f"stage must be one of {STAGES}, got {config.stage!r}")
+    _need(config.model.preset in MODEL_PRESETS,
+          f"model.preset {config.model.preset!r} is unknown; known: {sorted(MODEL_PRESETS)}")
+    _need(config.model.image_size >= 0 and config.model.image_size % 4 == 0,
+          f"model.image_size must be a multiple of 4 (0 = the preset's), got "
+          f"{config.model.image_size}")
+    try:
+        config.optim.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _need(config.batch_size > 0, f"batch_size must be > 0, got {config.batch_size}")
+    if device_count is not None:
+        _need(config.batch_size % device_count == 0,
+              f"batch_size {config.batch_size} is not divisible by the number of devices "
+              f"({device_count}); use a multiple of {device_count}")
+    _need(config.batch_size % process_count == 0,
+          f"batch_size {config.batch_size} is not divisible by the number of processes "
+          f"({process_count})")
+    _need(config.total_steps > 0 or config.num_epochs > 0,
+          f"num_epochs must be > 0 (or total_steps > 0), got {config.num_epochs}")
+    _need(config.total_steps >= 0, f"total_steps must be >= 0, got {config.total_steps}")
+    _need(config.compute_dtype in ("float32", "bfloat16"),
+          f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
+    for key in ("eval_every_steps", "checkpoint_every_steps", "eval_max_batches"):
+        _need(getattr(config, key) >= 0, f"{key} must be >= 0, got {getattr(config, key)}")
+    _need(config.keep_checkpoints >= 1,
+          f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+    _need(config.log_every_steps >= 1,
+          f"log_every_steps must be >= 1, got {config.log_every_steps}")
+    _need(config.best_mode in ("max", "min"),
+          f"best_mode must be 'max' or 'min', got {config.best_mode!r}")
+    _need(config.plateau_metric.startswith("val/"),
+          f"plateau_metric must be a validation metric ('val/...'), got "
+          f"{config.plateau_metric!r}")
+    loss = config.loss
+    _need(min(loss.dice, loss.bce, loss.iou, loss.distill_weight) >= 0,
+          "loss weights must be >= 0")
+    bad_parts = set(config.model.init_parts) - {"image_encoder", "prompt_encoder",
+                                                "mask_decoder"}
+    _need(not bad_parts, f"model.init_parts names unknown parts {sorted(bad_parts)}")
+
+    data = config.data
+    _need(data.augment in AUGMENTS,
+          f"data.augment must be one of {AUGMENTS}, got {data.augment!r}")
+    _need(0 <= data.flip_probability <= 1,
+          f"data.flip_probability must be in [0, 1], got {data.flip_probability}")
+    _need(data.box_shift >= 0, f"data.box_shift must be >= 0, got {data.box_shift}")
+    _need(data.worker_count >= 0, f"data.worker_count must be >= 0, got {data.worker_count}")
+    if data.phantoms:
+        _need(len(data.phantoms) == 2 and min(data.phantoms) >= 0 and sum(data.phantoms) >= 2,
+              f"data.phantoms must be (n2d, n3d) with at least two cases, got {data.phantoms}")
+        _need(0 < data.validation_fraction < 1,
+              f"data.validation_fraction must be in (0, 1), got {data.validation_fraction}")
+    else:
+        _need(bool(data.dataset_dir),
+              "data.dataset_dir is empty: give a built dataset (python -m input_pipeline.build "
+              "... then --set data.dataset_dir=DATA/med_sam_slices/size256/1.0.0) or "
+              "data.phantoms=[n2d,n3d] for built-in data")
+        dataset = Path(data.dataset_dir)
+        _need(dataset.is_dir(), f"data.dataset_dir {dataset} does not exist")
+        _need((dataset / "dataset_info.json").is_file(),
+              f"data.dataset_dir {dataset} is not a built dataset (no dataset_info.json); "
+              "point it at DATA/med_sam_slices/size<S>/<version>")
+
+    if config.stage == "distill":
+        teacher = config.teacher
+        _need(teacher.source in TEACHER_SOURCES,
+              f"teacher.source must be one of {TEACHER_SOURCES}, got {teacher.source!r}")
+        if teacher.source == "cache":
+            _need(bool(data.teacher_cache_dir),
+                  "distillation from a cache needs data.teacher_cache_dir (python -m "
+                  "input_pipeline.teacher_cache ...), or teacher.source=online")
+            _need(Path(data.teacher_cache_dir).is_dir(),
+                  f"data.teacher_cache_dir {data.teacher_cache_dir} does not exist")
+            _need(data.augment in ("distill", "none"),
+                  "distilling from cached embeddings allows only data.augment=distill (flips, "
+                  "mirrored onto the stored embedding) or none: colour jitter would change the "
+                  "student's image but not the stored target")
+        else:
+            _need(bool(teacher.model_dir) or teacher.random_seed >= 0,
+                  "teacher.source=online needs teacher.model_dir (a converted MedSAM ViT-B) or "
+                  "teacher.random_seed >= 0 (random weights, for tests)")
+            if teacher.model_dir:
+                _need(Path(teacher.model_dir).is_dir(),
+                      f"teacher.model_dir {teacher.model_dir} does not exist")
+        if data.eval_teacher_cache_dir:
+            _need(Path(data.eval_teacher_cache_dir).is_dir(),
+                  f"data.eval_teacher_cache_dir {data.eval_teacher_cache_dir} does not exist")
+        _need("image_encoder" in config.optim.trainable,
+              "distillation trains the image encoder: put it in optim.trainable")
+
+    model_config = resolve_model_config(config)
+    if config.model.init_from:
+        _check_init_from(config, model_config)
+    if workdir is not None:
+        _check_existing_checkpoints(config, model_config, Path(workdir))
+
+
+def resolve_model_config(config: TrainConfig):
+    """The ModelConfig this run trains (the preset with ``model.image_size`` applied)."""
+    from rep_medsam_jax.models.config import MODEL_PRESETS  # noqa: PLC0415
+
+    model = MODEL_PRESETS[config.model.preset]
+    if config.model.image_size:
+        model = dataclasses.replace(model, image_size=config.model.image_size,
+                                    embedding_size=config.model.image_size // 4)
+    return model
+
+
+def _describe(model_config) -> str:
+    return (f"{model_config.encoder}:{model_config.encoder_variant} at "
+            f"{model_config.image_size}px (decoder width {model_config.decoder.embed_dim})")
+
+
+def _compatible(wanted, found, parts: Sequence[str]) -> bool:
+    """Do the parts we take from ``found`` have the shapes ``wanted`` needs?"""
+    if "image_encoder" in parts:
+        if found.encoder == "none":
+            return False
+        if (found.encoder, found.encoder_variant) != (wanted.encoder, wanted.encoder_variant):
+            return False
+    if {"prompt_encoder", "mask_decoder"} & set(parts):
+        if found.decoder != wanted.decoder or found.embedding_size != wanted.embedding_size:
+            return False
+    return True
+
+
+def _check_init_from(config: TrainConfig, model_config) -> None:
+    from rep_medsam_jax.model_dir import ModelDirError, read_model_config  # noqa: PLC0415
+
+    source = Path(config.model.init_from)
+    _need(source.exists(), f"model.init_from {source} does not exist")
+    found = init_source_model_config(source)
+    if found is None:
+        raise ConfigError(f"model.init_from {source} is neither a MODEL_DIR (config.json) nor "
+                          "a training WORKDIR with checkpoints")
+    if not _compatible(model_config, found, config.model.init_parts):
+        raise ConfigError(f"model.init_from {source} holds a {_describe(found)} model; this run "
+                          f"trains {_describe(model_config)}: parts {config.model.init_parts} "
+                          "do not fit (another variant?)")
+    del ModelDirError, read_model_config
+
+
+def init_source_model_config(source: Path):
+    """The ModelConfig of a MODEL_DIR or of a WORKDIR's newest checkpoint (None if neither)."""
+    from rep_medsam_jax.model_dir import read_model_config  # noqa: PLC0415
+    from rep_medsam_jax.models.config import ModelConfig  # noqa: PLC0415
+    from rep_medsam_jax.training.checkpoint import finished_steps, read_checkpoint_meta  # noqa
+
+    if (source / "config.json").is_file():
+        return read_model_config(source)[0]
+    checkpoints = source / "checkpoints"
+    steps = finished_steps(checkpoints)
+    if steps:
+        return ModelConfig.from_json(read_checkpoint_meta(checkpoints, steps[-1])["model"])
+    return None
+
+
+def _check_existing_checkpoints(config: TrainConfig, model_config, workdir: Path) -> None:
+    from rep_medsam_jax.training.checkpoint import finished_steps, read_checkpoint_meta  # noqa
+
+    checkpoints = workdir / "checkpoints"
+    steps = finished_steps(checkpoints)
+    if not steps:
+        return
+    meta = read_checkpoint_meta(checkpoints, steps[-1])
+    if meta.get("model") != model_config.to_json():
+        from rep_medsam_jax.models.config import ModelConfig  # noqa: PLC0415
+
+        found = ModelConfig.from_json(meta["model"])
+        raise ConfigError(f"{checkpoints} holds checkpoints of a {_describe(found)} model; this "
+                          f"config trains {_describe(model_config)}: use another --workdir (or "
+                          "the config that wrote them)")
+    if meta.get("stage") not in (None, config.stage):
+        raise ConfigError(f"{checkpoints} holds a {meta.get('stage')!r} run; this config is "
+                          f"stage {config.stage!r}: use another --workdir")

@@ -1,0 +1,298 @@
+"""The training loop end to end, through ``train.py`` in subprocesses (each with its own device
+count): restart equality after a stop and after SIGKILL, 1 device vs 4 devices, two processes
+(jax.distributed on CPU with gloo collectives), and the DSC the local config reaches.
+
+The runs share a persistent XLA compilation cache (a temporary directory), so identical
+programs compile once per test session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rep_medsam_jax.training.config import DataSection, ModelSection, TrainConfig
+from rep_medsam_jax.training.optim import OptimConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL_STEPS = 6
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A built 32 x 32 phantom dataset, a config JSON for it, and a compilation cache."""
+    from input_pipeline.phantoms import write_phantom_dataset
+    from input_pipeline.tfds_builder import BuildOptions, build_dataset
+
+    root = tmp_path_factory.mktemp("training_loop")
+    cases = write_phantom_dataset(root / "phantoms", n2d=12, n3d=0, seed=0, size_2d=64,
+                                  modalities_2d=("CT", "MR", "US", "Dermoscopy"))
+    built = build_dataset(cases.inputs_dir.parent, root / "tfds",
+                          BuildOptions(image_size=32, validation_fraction=0.25),
+                          log=lambda message: None)
+    config = TrainConfig(
+        name="test", stage="seg",
+        model=ModelSection(preset="rep_medsam_tiny", image_size=32,
+                           init_from=str(_well_conditioned_start(root / "start"))),
+        # Colour jitter, flips and box jitter: the data iterator's random stream must resume too.
+        data=DataSection(dataset_dir=str(built.dataset_dir), augment="finetune", box_shift=2),
+        # eps 1e-3: parameters whose gradient is exactly zero in exact arithmetic (a key bias
+        # under softmax, a bias followed by BatchNorm) get rounding-noise gradients ~1e-9, which
+        # Adam with eps 1e-8 would turn into lr-sized steps of random sign; a larger eps keeps
+        # the 1-vs-4-device comparison about the sharding, not about amplified rounding noise.
+        optim=OptimConfig(learning_rate=3e-3, eps=1e-3, clip="percentile", clip_history=64),
+        batch_size=8, total_steps=TOTAL_STEPS, eval_every_steps=3, checkpoint_every_steps=2,
+        keep_checkpoints=10, log_every_steps=1, progress_bar=False)
+    config_path = root / "config.json"
+    config_path.write_text(json.dumps(config.to_json()))
+    return {"root": root, "config": config_path, "cache": root / "xla_cache", "runs": {}}
+
+
+def _well_conditioned_start(path: Path) -> Path:
+    """A MODEL_DIR of the tiny model whose BatchNorm scales are U(0.5, 2) instead of RepViT's
+    init, where the last BatchNorm of each channel mixer has scale 0: that zeroes the
+    non-residual transition block, so the neck's LayerNorm normalises an almost constant input
+    and gradients start near 1e6 and are dominated by rounding noise (a from-scratch start is
+    chaotic: any change of summation order, such as another device count, changes the run)."""
+    import dataclasses
+
+    import jax
+
+    from rep_medsam_jax.model_dir import save_model_dir
+    from rep_medsam_jax.models.config import MODEL_PRESETS
+    from rep_medsam_jax.models.medsam_lite import build_model
+    from rep_medsam_jax.training.loop import init_model_variables
+
+    config = dataclasses.replace(MODEL_PRESETS["rep_medsam_tiny"], image_size=32,
+                                 embedding_size=8)
+    variables = init_model_variables(build_model(config), config, seed=0)
+    rng = np.random.default_rng(0)
+
+    def draw(keys, leaf):
+        names = [k.key for k in keys]
+        if names[-2:-1] == ["bn"] and names[-1] == "scale":
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+        return leaf
+
+    variables["params"] = jax.tree_util.tree_map_with_path(draw, variables["params"])
+    return save_model_dir(path, config, variables)
+
+
+def _env(setup, devices: int = 1, **extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "JAX_COMPILATION_CACHE_DIR": str(setup["cache"]),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "PYTHONPATH": str(REPO)})
+    env.update(extra)
+    return env
+
+
+def _command(setup, workdir: Path, *extra: str, config: Path | None = None) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "--config", str(config or setup["config"]),
+            "--workdir", str(workdir), *extra]
+
+
+def _train(setup, workdir: Path, *extra: str, devices: int = 1, timeout: int = 1200):
+    result = subprocess.run(_command(setup, workdir, *extra), env=_env(setup, devices),
+                            capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _state(workdir: Path, step: int) -> dict:
+    """A finished checkpoint's state tree as NumPy (flattened: path -> array)."""
+    import jax
+
+    from rep_medsam_jax.training.checkpoint import load_state_tree
+
+    tree = load_state_tree(workdir / "checkpoints", step)
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _data_state(workdir: Path, step: int, name: str = "process_0-of-1") -> bytes:
+    return (workdir / "checkpoints" / str(step) / "data" / f"{name}.bytes").read_bytes()
+
+
+def _steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def baseline(setup):
+    """The uninterrupted single-device run."""
+    workdir = setup["root"] / "baseline"
+    _train(setup, workdir)
+    return workdir
+
+
+def test_uninterrupted_run_writes_everything(baseline):
+    assert _steps(baseline) == [2, 3, 4, 6]          # every 2 steps and at each evaluation
+    assert (baseline / "model" / "config.json").is_file()
+    assert (baseline / "learning_curves.png").stat().st_size > 1000
+    assert list((baseline / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (baseline / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, TOTAL_STEPS + 1))
+    assert [r["step"] for r in rows if "val/dsc" in r] == [3, 6]
+    # The exported MODEL_DIR holds the final parameters.
+    from rep_medsam_jax.model_dir import load_model_dir
+
+    _, variables = load_model_dir(baseline / "model")
+    final = _state(baseline, TOTAL_STEPS)
+    np.testing.assert_array_equal(
+        variables["params"]["mask_decoder"]["iou_token"],
+        final["['params']['mask_decoder']['iou_token']"])
+
+
+def test_resume_after_stop_is_bit_identical(setup, baseline):
+    workdir = setup["root"] / "stopped"
+    _train(setup, workdir, "--stop-after-steps", "5")        # trains step 5, never saves it
+    assert _steps(workdir) == [2, 3, 4]
+    # The checkpoint being resumed from equals the uninterrupted run's at the same step
+    # (same data-iterator position: the next batch is the same).
+    assert _data_state(workdir, 4) == _data_state(baseline, 4)
+    _assert_same_state(_state(workdir, 4), _state(baseline, 4))
+    result = _train(setup, workdir)
+    assert "resumed from" in result.stdout + result.stderr
+    _assert_same_state(_state(workdir, TOTAL_STEPS), _state(baseline, TOTAL_STEPS))
+    assert _data_state(workdir, TOTAL_STEPS) == _data_state(baseline, TOTAL_STEPS)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, TOTAL_STEPS + 1))
+
+
+def test_resume_after_sigkill_is_bit_identical(setup, baseline):
+    """Killed with SIGKILL as soon as the step-3 checkpoint exists (possibly mid-save of step 4):
+    the restart picks the last complete checkpoint and ends where the baseline ended."""
+    workdir = setup["root"] / "killed"
+    process = subprocess.Popen(_command(setup, workdir), env=_env(setup), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 1200
+    try:
+        while not (workdir / "checkpoints" / "3").is_dir():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    _train(setup, workdir)
+    _assert_same_state(_state(workdir, TOTAL_STEPS), _state(baseline, TOTAL_STEPS))
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_four_devices_match_one_device(setup, baseline):
+    workdir = setup["root"] / "four_devices"
+    _train(setup, workdir, devices=4)
+    one, four = _state(baseline, TOTAL_STEPS), _state(workdir, TOTAL_STEPS)
+    assert _data_state(workdir, TOTAL_STEPS) == _data_state(baseline, TOTAL_STEPS)
+    worst = {}
+    for key in one:
+        if "['params']" in key or "['batch_stats']" in key:
+            worst[key] = float(np.max(np.abs(one[key] - four[key]))) if one[key].size else 0.0
+    params = {k: v for k, v in worst.items() if k.startswith("['params']")}
+    largest = max(params, key=params.get)
+    early = _state(baseline, 2)
+    moved = max(float(np.max(np.abs(one[k] - early[k]))) for k in params)
+    print(f"1 vs 4 devices after {TOTAL_STEPS} steps: parameters max |diff| "
+          f"{params[largest]:.3g} at {largest} (they moved up to {moved:.3g} since step 2); "
+          f"BatchNorm statistics max |diff| "
+          f"{max(v for k, v in worst.items() if 'batch_stats' in k):.3g}")
+    # Only the summation order differs between the layouts (BatchNorm statistics, the loss and
+    # the gradients are global means over the batch in both).
+    assert params[largest] < 2e-5, (largest, params[largest])
+    for key in worst:
+        if "['batch_stats']" in key:          # running variances reach ~10: relative
+            np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+    def losses(workdir):
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return np.array([[r["train/loss"], r["train/grad_norm"]] for r in rows
+                         if "train/loss" in r])
+
+    np.testing.assert_allclose(losses(workdir), losses(baseline), rtol=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint_together(setup):
+    """Two processes x 2 CPU devices, jax.distributed with gloo: each reads its half of every
+    batch; checkpoints are written collectively (one data state per process)."""
+    workdir = setup["root"] / "two_processes"
+    port = _free_port()
+    processes = []
+    for process_id in range(2):
+        env = _env(setup, devices=2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
+        processes.append(subprocess.Popen(_command(setup, workdir), env=env, cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=1500)[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    assert "over 4 device(s), 2 process(es)" in outputs[0]
+    final = workdir / "checkpoints" / str(TOTAL_STEPS)
+    assert sorted(p.name for p in (final / "data").iterdir()) == [
+        "process_0-of-2.bytes", "process_1-of-2.bytes"]
+    assert _data_state(workdir, TOTAL_STEPS, "process_0-of-2") != _data_state(
+        workdir, TOTAL_STEPS, "process_1-of-2")
+    state = _state(workdir, TOTAL_STEPS)
+    assert all(np.all(np.isfinite(v)) for k, v in state.items() if v.dtype.kind == "f"
+               and "norms" not in k)
+    assert (workdir / "model" / "config.json").is_file()
+    # Both processes saw the same (global) validation metrics.
+    last = [[line.split(";", 1)[1] for line in out.splitlines() if line.startswith("done:")]
+            for out in outputs]
+    assert last[1] and last[0] == last[1]
+    from rep_medsam_jax.model_dir import load_model_dir
+
+    _, variables = load_model_dir(workdir / "model")
+    np.testing.assert_array_equal(variables["params"]["mask_decoder"]["iou_token"],
+                                  state["['params']['mask_decoder']['iou_token']"])
+
+
+def test_local_config_reaches_dsc_on_held_out_phantoms(setup):
+    """configs/local.py as shipped: the tiny model, 64 x 64 phantoms, validation cases held
+    out by case."""
+    workdir = setup["root"] / "local"
+    started = time.time()
+    result = subprocess.run(_command(setup, workdir, config=REPO / "configs" / "local.py"),
+                            env=_env(setup), capture_output=True, text=True, cwd=REPO,
+                            timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in rows if "val/dsc" in r]
+    final = evaluations[-1]
+    print(f"local config: validation DSC {final['val/dsc']:.4f} on {final['val/count']:.0f} "
+          f"held-out examples after {final['step']} steps, {time.time() - started:.0f} s")
+    assert final["val/dsc"] >= 0.8
