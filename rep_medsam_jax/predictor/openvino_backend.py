@@ -28,7 +28,9 @@ class OpenVinoBackend:
         self.image_size = int(meta["image_size"])
         encoder_file = encoder_file or meta.get("default_encoder", "encoder.onnx")
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": "LATENCY",
+        # f32 explicitly: on CPUs with bf16 support OpenVINO otherwise lowers the precision by
+        # default, and the masks drift from the onnxruntime / JAX ones.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
                   "INFERENCE_NUM_THREADS": int(threads or os.cpu_count() or 1)}
         self._encoder = core.compile_model(core.read_model(export_dir / encoder_file), "CPU",
                                            config)
