@@ -13,7 +13,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from rep_medsam_jax.models.config import MODEL_PRESETS, ViTConfig
@@ -93,6 +92,9 @@ def test_accumulation_averages_gradients_over_k_batches():
                                 single.init(params), params)
     np.testing.assert_allclose(updates["image_encoder"]["w"], expected["image_encoder"]["w"],
                                rtol=1e-6)
+    # The plateau state is found inside optax.MultiSteps' state too.
+    assert float(optim.learning_rate(optim.apply_plateau(state, 1.0, config), config)) == \
+        pytest.approx(0.1)
 
 
 def test_bad_optimiser_values_are_rejected():

@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
         keep_checkpoints=10, log_every_steps=1, progress_bar=False)
     config_path = root / "config.json"
     config_path.write_text(json.dumps(config.to_json()))
-    return {"root": root, "config": config_path, "cache": root / "xla_cache", "runs": {}}
+    return {"root": root, "config": config_path, "cache": root / "xla_cache"}
 
 
 def _well_conditioned_start(path: Path) -> Path:
@@ -103,11 +103,20 @@ def _command(setup, workdir: Path, *extra: str, config: Path | None = None) -> l
             "--workdir", str(workdir), *extra]
 
 
-def _train(setup, workdir: Path, *extra: str, devices: int = 1, timeout: int = 1200):
-    result = subprocess.run(_command(setup, workdir, *extra), env=_env(setup, devices),
-                            capture_output=True, text=True, cwd=REPO, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _start(setup, workdir: Path, *extra: str, devices: int = 1, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(_command(setup, workdir, *extra), env=_env(setup, devices, **env),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: int = 1500) -> str:
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-3000:]
+    return output
 
 
 def _state(workdir: Path, step: int) -> dict:
@@ -136,14 +145,46 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(setup):
-    """The uninterrupted single-device run."""
-    workdir = setup["root"] / "baseline"
-    _train(setup, workdir)
-    return workdir
+def runs(setup):
+    """All single-process runs, two at a time (XLA compiles on one core):
+
+    1. the uninterrupted 1-device baseline and the same run on 4 devices;
+    2. then (compiled programs now cached) a run stopped after step 5 (``--stop-after-steps``)
+       and a run killed with SIGKILL as soon as its step-3 checkpoint exists (possibly in the
+       middle of training step 4 or of saving it);
+    3. both restarted with the same command.
+    """
+    root = setup["root"]
+    workdirs = {name: root / name for name in ("baseline", "four_devices", "stopped", "killed")}
+    first = [_start(setup, workdirs["baseline"]),
+             _start(setup, workdirs["four_devices"], devices=4)]
+    baseline_output, four_output = [_finish(process) for process in first]
+
+    stopped = _start(setup, workdirs["stopped"], "--stop-after-steps", "5")
+    killed = _start(setup, workdirs["killed"])
+    deadline = time.time() + 900
+    try:
+        while not (workdirs["killed"] / "checkpoints" / "3").is_dir():
+            assert killed.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    outputs = {"killed_rc": killed.returncode, "stopped_first": _finish(stopped),
+               "baseline": baseline_output, "four_devices": four_output}
+    outputs["stopped_steps"] = _steps(workdirs["stopped"])
+    outputs["stopped_state_4"] = _state(workdirs["stopped"], 4)
+    outputs["stopped_data_4"] = _data_state(workdirs["stopped"], 4)
+    restarts = [_start(setup, workdirs["stopped"]), _start(setup, workdirs["killed"])]
+    outputs["stopped_restart"], outputs["killed_restart"] = [_finish(p) for p in restarts]
+    return workdirs, outputs
 
 
-def test_uninterrupted_run_writes_everything(baseline):
+def test_uninterrupted_run_writes_everything(runs):
+    baseline = runs[0]["baseline"]
     assert _steps(baseline) == [2, 3, 4, 6]          # every 2 steps and at each evaluation
     assert (baseline / "model" / "config.json").is_file()
     assert (baseline / "learning_curves.png").stat().st_size > 1000
@@ -161,48 +202,36 @@ def test_uninterrupted_run_writes_everything(baseline):
         final["['params']['mask_decoder']['iou_token']"])
 
 
-def test_resume_after_stop_is_bit_identical(setup, baseline):
-    workdir = setup["root"] / "stopped"
-    _train(setup, workdir, "--stop-after-steps", "5")        # trains step 5, never saves it
-    assert _steps(workdir) == [2, 3, 4]
-    # The checkpoint being resumed from equals the uninterrupted run's at the same step
-    # (same data-iterator position: the next batch is the same).
-    assert _data_state(workdir, 4) == _data_state(baseline, 4)
-    _assert_same_state(_state(workdir, 4), _state(baseline, 4))
-    result = _train(setup, workdir)
-    assert "resumed from" in result.stdout + result.stderr
+def test_resume_after_stop_is_bit_identical(runs):
+    workdirs, outputs = runs
+    baseline, workdir = workdirs["baseline"], workdirs["stopped"]
+    assert outputs["stopped_steps"] == [2, 3, 4]          # step 5 trained, never saved
+    # The checkpoint resumed from equals the uninterrupted run's at the same step, data
+    # iterator included (so the next batch is the same).
+    assert outputs["stopped_data_4"] == _data_state(baseline, 4)
+    _assert_same_state(outputs["stopped_state_4"], _state(baseline, 4))
+    assert "resumed from" in outputs["stopped_restart"]
     _assert_same_state(_state(workdir, TOTAL_STEPS), _state(baseline, TOTAL_STEPS))
     assert _data_state(workdir, TOTAL_STEPS) == _data_state(baseline, TOTAL_STEPS)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, TOTAL_STEPS + 1))
 
 
-def test_resume_after_sigkill_is_bit_identical(setup, baseline):
-    """Killed with SIGKILL as soon as the step-3 checkpoint exists (possibly mid-save of step 4):
-    the restart picks the last complete checkpoint and ends where the baseline ended."""
-    workdir = setup["root"] / "killed"
-    process = subprocess.Popen(_command(setup, workdir), env=_env(setup), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 1200
-    try:
-        while not (workdir / "checkpoints" / "3").is_dir():
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL
-    _train(setup, workdir)
-    _assert_same_state(_state(workdir, TOTAL_STEPS), _state(baseline, TOTAL_STEPS))
-    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+def test_resume_after_sigkill_is_bit_identical(runs):
+    workdirs, outputs = runs
+    assert outputs["killed_rc"] == -signal.SIGKILL
+    assert "resumed from" in outputs["killed_restart"]
+    _assert_same_state(_state(workdirs["killed"], TOTAL_STEPS),
+                       _state(workdirs["baseline"], TOTAL_STEPS))
+    assert _data_state(workdirs["killed"], TOTAL_STEPS) == _data_state(workdirs["baseline"],
+                                                                        TOTAL_STEPS)
+    assert not [p for p in (workdirs["killed"] / "checkpoints").iterdir() if "tmp" in p.name]
 
 
-def test_four_devices_match_one_device(setup, baseline):
-    workdir = setup["root"] / "four_devices"
-    _train(setup, workdir, devices=4)
+def test_four_devices_match_one_device(runs):
+    baseline, workdir = runs[0]["baseline"], runs[0]["four_devices"]
+    assert "over 4 device(s)" in runs[1]["four_devices"]
+    assert "over 1 device(s)" in runs[1]["baseline"]
     one, four = _state(baseline, TOTAL_STEPS), _state(workdir, TOTAL_STEPS)
     assert _data_state(workdir, TOTAL_STEPS) == _data_state(baseline, TOTAL_STEPS)
     worst = {}

@@ -7,7 +7,7 @@ A config file (``configs/*.py``) defines ``get_config() -> TrainConfig``; a ``.j
 value is parsed as a Python/JSON literal when it is one, else taken as a string, and converted
 to the type of the field it replaces.
 
-This module imports neither JAX nor the input pipeline, so a bad config fails in a second.
+Nothing here computes or touches a device, so a bad config fails in about a second.
 """
 
 from __future__ import annotations

@@ -367,7 +367,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *,
     writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
     meta = {"model": model_config.to_json(), "stage": config.stage, "config": config.to_json(),
             "dataset_dir": str(dataset_dir), "process_count": jax.process_count()}
-    base_key = jax.random.PRNGKey(config.seed + 1)
+    # Step k's key is fold_in(the state's key, k): the key is checkpointed with the state.
+    base_key = jax.random.wrap_key_data(sharding_lib.to_host(state.rng))
     progress = _progress_bar(config, total_steps, start_step, enabled=primary)
     say(f"{config.name}: stage {config.stage}, {total_steps} steps ({steps_per_epoch} per "
         f"epoch, batch {config.batch_size} over {mesh.devices.size} device(s), "
@@ -376,19 +377,20 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *,
     apply_plateau = jax.jit(lambda opt_state, value: optim.apply_plateau(
         opt_state, value, config.optim), out_shardings=replicated)
     pending: list[dict] = []          # device metrics not yet fetched
-    window_start, window_steps = time.time(), 0
+    window: list[dict] = []           # fetched metrics of the steps since the last log line
+    window_start = time.time()
     # Training losses since the last evaluation: the plateau's fallback signal; checkpointed
     # so that a restart feeds the plateau exactly what an uninterrupted run would.
     train_losses: list[float] = list(restored_meta.get("train_losses_since_eval", []))
     step = start_step
     steps_this_call = 0
 
-    def flush() -> list[dict]:
-        nonlocal pending
+    def flush() -> None:
+        """Fetch the pending device metrics (one transfer, not one per step)."""
         fetched = [{k: float(v) for k, v in m.items()} for m in sharding_lib.to_host(pending)]
         train_losses.extend(m["loss"] for m in fetched)
-        pending = []
-        return fetched
+        window.extend(fetched)
+        pending.clear()
 
     try:
         while step < total_steps:
@@ -397,19 +399,18 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *,
             step += 1
             steps_this_call += 1
             pending.append(metrics)
-            window_steps += 1
             if step % config.log_every_steps == 0 or step == total_steps:
-                fetched = flush()
-                means = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
-                         for k in fetched[0]}
+                flush()
+                means = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
                 means["train/lr"] = config.optim.learning_rate * means.pop("train/lr_scale")
                 elapsed = max(time.time() - window_start, 1e-9)
-                means["train/images_per_second"] = window_steps * config.batch_size / elapsed
+                means["train/images_per_second"] = len(window) * config.batch_size / elapsed
                 writer.write(step, means)
-                progress.update(window_steps)
+                progress.update(len(window))
                 progress.set_postfix(loss=f"{means['train/loss']:.4f}",
                                      img_s=f"{means['train/images_per_second']:.1f}")
-                window_start, window_steps = time.time(), 0
+                window.clear()
+                window_start = time.time()
 
             evaluated = step % eval_every == 0 or step == total_steps
             if evaluated:
