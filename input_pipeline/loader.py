@@ -67,9 +67,12 @@ class ExampleSource:
         return record
 
     def __repr__(self) -> str:
-        # grain compares repr() of the source when restoring an iterator state.
-        return (f"ExampleSource(dataset_dir={self.dataset_dir!r}, split={self.split!r}, "
-                f"teacher_cache_dir={self.teacher_cache_dir!r})")
+        # grain compares repr() of the source when restoring an iterator state. Name the
+        # dataset by its name/config/version and size, not its absolute path: a WORKDIR or a
+        # dataset moved to another folder or mount (another host, a copied run) must resume.
+        name = "/".join(Path(self.dataset_dir).parts[-3:])
+        return (f"ExampleSource(dataset={name!r}, split={self.split!r}, "
+                f"records={len(self._records)}, teacher_cache={self._teacher is not None})")
 
 
 def prepare_example(record: dict[str, Any]) -> dict[str, Any]:

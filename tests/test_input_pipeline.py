@@ -472,6 +472,27 @@ def test_iteration_resumes_exactly_from_a_saved_state(built, tmp_path):
     assert _same_batches(_take(resumed, 3), expected)
 
 
+def test_a_moved_dataset_resumes_from_a_saved_state(built, tmp_path):
+    """The iterator state names the dataset, not its absolute path: a copy in another folder
+    (a moved WORKDIR, another mount point) continues the same stream."""
+    import shutil
+
+    _, result = built
+    moved = tmp_path / "elsewhere" / Path(result.dataset_dir).relative_to(
+        Path(result.dataset_dir).parents[2])
+    shutil.copytree(result.dataset_dir, moved)
+
+    def make(dataset_dir):
+        return make_loader(dataset_dir, "train", batch_size=3, seed=11, augment=FINETUNE_AUGMENT)
+
+    iterator = iter(make(result.dataset_dir))
+    _take(iterator, 2)
+    save_iterator_state(iterator, tmp_path / "state")
+    expected = _take(iterator, 2)
+    resumed = restore_iterator(make(moved), tmp_path / "state")
+    assert _same_batches(_take(resumed, 2), expected)
+
+
 @pytest.mark.slow
 def test_iteration_with_worker_processes_resumes_exactly(built, tmp_path):
     _, result = built
