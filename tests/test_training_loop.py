@@ -202,6 +202,36 @@ def test_uninterrupted_run_writes_everything(runs):
         final["['params']['mask_decoder']['iou_token']"])
 
 
+def test_a_workdir_initialises_the_next_stage(setup, runs):
+    """``model.init_from`` may name a previous stage's WORKDIR (which holds a training
+    config.json too): it is recognised as such and its best checkpoint is loaded."""
+    import dataclasses
+
+    import jax
+
+    from rep_medsam_jax.model_dir import read_model_config
+    from rep_medsam_jax.training.checkpoint import select_step
+    from rep_medsam_jax.training.config import (TrainConfig, init_source_kind,
+                                                init_source_model_config, validate)
+    from rep_medsam_jax.training.loop import load_init_variables
+
+    baseline = runs[0]["baseline"]
+    assert (baseline / "config.json").is_file()
+    assert init_source_kind(baseline) == "workdir"
+    assert init_source_kind(baseline / "model") == "model_dir"
+    assert init_source_kind(setup["root"]) is None
+    assert init_source_model_config(baseline) == read_model_config(baseline / "model")[0]
+    config = TrainConfig.from_json(json.loads(setup["config"].read_text()))
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, init_from=str(baseline)))
+    validate(config)
+    best = select_step(baseline / "checkpoints", "best")
+    expected = _state(baseline, best)
+    loaded = load_init_variables(baseline)
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(loaded["params"])[0]:
+        np.testing.assert_array_equal(leaf, expected["['params']" + jax.tree_util.keystr(keys)])
+
+
 def test_resume_after_stop_is_bit_identical(runs):
     workdirs, outputs = runs
     baseline, workdir = workdirs["baseline"], workdirs["stopped"]

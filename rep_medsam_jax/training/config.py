@@ -430,18 +430,34 @@ def _check_init_from(config: TrainConfig, model_config) -> None:
     del ModelDirError, read_model_config
 
 
+def init_source_kind(source: Path) -> str | None:
+    """``"workdir"`` (a training WORKDIR with finished checkpoints), ``"model_dir"`` or None.
+
+    A WORKDIR also holds a ``config.json`` (the training config), so the checkpoints decide:
+    testing for ``config.json`` first took a WORKDIR for a MODEL_DIR and failed on its format.
+    """
+    from rep_medsam_jax.training.checkpoint import finished_steps  # noqa: PLC0415
+
+    if finished_steps(source / "checkpoints"):
+        return "workdir"
+    if (source / "config.json").is_file():
+        return "model_dir"
+    return None
+
+
 def init_source_model_config(source: Path):
     """The ModelConfig of a MODEL_DIR or of a WORKDIR's newest checkpoint (None if neither)."""
     from rep_medsam_jax.model_dir import read_model_config  # noqa: PLC0415
     from rep_medsam_jax.models.config import ModelConfig  # noqa: PLC0415
     from rep_medsam_jax.training.checkpoint import finished_steps, read_checkpoint_meta  # noqa
 
-    if (source / "config.json").is_file():
+    kind = init_source_kind(source)
+    if kind == "model_dir":
         return read_model_config(source)[0]
-    checkpoints = source / "checkpoints"
-    steps = finished_steps(checkpoints)
-    if steps:
-        return ModelConfig.from_json(read_checkpoint_meta(checkpoints, steps[-1])["model"])
+    if kind == "workdir":
+        checkpoints = source / "checkpoints"
+        return ModelConfig.from_json(
+            read_checkpoint_meta(checkpoints, finished_steps(checkpoints)[-1])["model"])
     return None
 
 

@@ -48,8 +48,8 @@ from rep_medsam_jax.training import optim
 from rep_medsam_jax.training import sharding as sharding_lib
 from rep_medsam_jax.training.checkpoint import (Checkpointer, load_checkpoint_variables,
                                                 select_step)
-from rep_medsam_jax.training.config import (ConfigError, TrainConfig, resolve_model_config,
-                                            validate)
+from rep_medsam_jax.training.config import (ConfigError, TrainConfig, init_source_kind,
+                                            resolve_model_config, validate)
 from rep_medsam_jax.training.logger import MetricWriter, plot_learning_curves
 from rep_medsam_jax.training.steps import (StepOptions, Teacher, TrainState, create_train_state,
                                            finalize_eval, jit_steps)
@@ -181,7 +181,7 @@ def _merge_parts(fresh: dict, loaded: dict, parts: tuple[str, ...], where: str) 
 def load_init_variables(source: Path) -> dict:
     """``{"params", "batch_stats"}`` of a MODEL_DIR, or of a WORKDIR's best (else latest)
     checkpoint, as NumPy."""
-    if (source / "config.json").is_file():
+    if init_source_kind(source) == "model_dir":
         from rep_medsam_jax.model_dir import load_model_dir  # noqa: PLC0415
 
         config, variables = load_model_dir(source)
