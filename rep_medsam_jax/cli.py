@@ -40,8 +40,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     calibration = None
     if args.int8 and args.calibration:
         from rep_medsam_jax.export.quantize import load_calibration_images  # noqa: PLC0415
+        from rep_medsam_jax.model_dir import read_model_config  # noqa: PLC0415
 
-        calibration = load_calibration_images(args.calibration, args.calibration_count)
+        image_size = read_model_config(args.model_dir)[0].image_size
+        calibration = load_calibration_images(args.calibration, args.calibration_count,
+                                              size=image_size)
     meta = export_model_dir(args.model_dir, args.output, int8=args.int8,
                             calibration_images=calibration, overwrite=args.overwrite)
     print(f"wrote {args.output}: " + ", ".join(sorted(meta["checksums"])))
