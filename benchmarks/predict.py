@@ -10,7 +10,12 @@ Prints, with ratios against the PyTorch reference measured in the same run:
 
 Each timing runs in a fresh process; onnxruntime never shares a process with JAX or torch.
 
-    python benchmarks/predict.py [--workdir DIR] [--repeats 10] [--quick]
+    python benchmarks/predict.py [--workdir DIR] [--repeats 10] [--case-repeats 1]
+                                 [--cases NAME ...]
+
+On a shared machine the load changes between runs: ``--case-repeats N`` runs each whole case N
+times, alternating which pipeline goes first, and reports the medians and the median of the
+paired ratios.
 """
 
 from __future__ import annotations
@@ -190,6 +195,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(ROOT / "work_dirs" / "bench_predict"))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--case-repeats", type=int, default=1,
+                        help="whole-case runs per pipeline, alternating which goes first")
     parser.add_argument("--cases", nargs="*", default=list(CASES), help="subset of cases")
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -237,19 +244,28 @@ def main() -> None:
     for name in args.cases:
         folder = folders[name]
         out_ref, out_ours = workdir / "out_ref" / name, workdir / "out_ours" / name
-        for out in (out_ref, out_ours):
-            shutil.rmtree(out, ignore_errors=True)
-        t_ref = whole_case([sys.executable, "benchmarks/torch_reference_predict.py", "-i",
-                            str(folder), "-o", str(out_ref), "--checkpoint",
-                            str(paths["checkpoint"])])
-        t_ours = whole_case([sys.executable, "-m", "rep_medsam_jax.cli", "predict", "-i",
-                             str(folder), "-o", str(out_ours), "--model", str(paths["export"]),
-                             "-q"])
+        commands = {
+            "ref": [sys.executable, "benchmarks/torch_reference_predict.py", "-i", str(folder),
+                    "-o", str(out_ref), "--checkpoint", str(paths["checkpoint"])],
+            "ours": [sys.executable, "-m", "rep_medsam_jax.cli", "predict", "-i", str(folder),
+                     "-o", str(out_ours), "--model", str(paths["export"]), "-q"],
+        }
+        times: dict[str, list[float]] = {"ref": [], "ours": []}
+        for repeat in range(args.case_repeats):
+            for which in (("ref", "ours") if repeat % 2 == 0 else ("ours", "ref")):
+                shutil.rmtree(out_ref if which == "ref" else out_ours, ignore_errors=True)
+                times[which].append(whole_case(commands[which]))
+        t_ref, t_ours = float(np.median(times["ref"])), float(np.median(times["ours"]))
+        ratio = float(np.median(np.array(times["ours"]) / np.array(times["ref"])))
         a = np.load(out_ours / f"{name}.npz")["segs"]
         b = np.load(out_ref / f"{name}.npz")["segs"]
         agree = float(np.mean(a == b))
-        print(f"{name:26s} {t_ref:10.2f} s {t_ours:10.2f} s {t_ours / t_ref:6.2f}x"
-              f"   (voxel agreement {agree:.4f})")
+        spread = ""
+        if args.case_repeats > 1:
+            spread = ("   runs ref " + " ".join(f"{t:.1f}" for t in times["ref"])
+                      + " / ours " + " ".join(f"{t:.1f}" for t in times["ours"]))
+        print(f"{name:26s} {t_ref:10.2f} s {t_ours:10.2f} s {ratio:6.2f}x"
+              f"   (voxel agreement {agree:.4f}){spread}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ Deliberate differences from ``CVPR24_LiteMedSAM_infer.py`` (see docs/differences
   256 x 256 frame (the reference clipped to 256);
 * the output uses uint16 when there are 256 or more boxes (uint8 would wrap labels around);
 * speed, same results: every slice is encoded once however many boxes touch it, slices are
-  encoded in batches, and the boxes of a 2D image are decoded in batches.
+  encoded in batches, the boxes of a 2D image are decoded in batches, and in 3D every box that
+  passes through a slice is decoded in one call on that slice's embedding (an upward sweep
+  over z, then a downward one; each box still prompts from its own previous mask, and labels
+  are painted as if box after box).
 
 Everything here is NumPy: the ONNX path never imports JAX.
 """
@@ -97,44 +100,84 @@ def _box_from_previous(mask: np.ndarray, label: int, fallback: np.ndarray,
     return get_bbox256(resized, expand=3, upper=size - 1).astype(np.float32)
 
 
+class _BoxTrack:
+    """One 3D box's propagation state: its label, z range, middle-slice prompt and the prompts
+    its last decoded masks give the next slice up and down (SPEC §7.3)."""
+
+    def __init__(self, label: int, box: np.ndarray, z_range: tuple[int, int],
+                 original_hw: tuple[int, int], size: int):
+        self.label = label
+        self.z_min, self.z_max = z_range
+        middle_box = scale_boxes_to_256(box[[0, 1, 3, 4]][None], original_hw, size)[0]
+        self.middle_box = middle_box.astype(np.float32)
+        # The reference's middle slice, computed on the unclipped range, then kept inside it.
+        z_mid = int((int(box[5]) - int(box[2])) / 2 + int(box[2]))
+        self.z_mid = min(max(z_mid, self.z_min), self.z_max)
+        self.prompt_up = self.middle_box      # for the next slice up, z + 1
+        self.prompt_down = self.middle_box    # for the next slice down, z - 1
+
+
+def _decode_slice(backend: Backend, embedding: np.ndarray, prompts: list[np.ndarray],
+                  new_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
+    """Every prompt on one slice embedding, DECODE_CHUNK boxes per call -> (N, H, W) bool."""
+    masks = np.zeros((len(prompts), *original_hw), bool)
+    for start in range(0, len(prompts), DECODE_CHUNK):
+        logits, _ = backend.decode(embedding, np.stack(prompts[start:start + DECODE_CHUNK]))
+        masks[start:start + DECODE_CHUNK] = logits_to_mask(logits, new_hw, original_hw)
+    return masks
+
+
 def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
     """One volume and its 3D boxes -> label volume, propagating from each box's middle slice.
 
     volume: (D, H, W) uint8. boxes: (N, 6) [x0, y0, z0, x1, y1, z1] in voxels, z closed.
-    Returns (D, H, W) uint8 (uint16 when N >= 256).
+    Returns (D, H, W) uint8 (uint16 when N >= 256); later boxes win where masks overlap.
+
+    Same result as propagating box after box (SPEC §7.3), but the boxes share slices: an
+    upward sweep decodes at each slice z, in one call, every box whose middle slice is z (with
+    its middle box) and every box still propagating up through z (with the box from its own
+    mask at z - 1); a downward sweep then does the same below the middle slices. Each box only
+    ever sees its own masks, so the order of the decodes changes nothing. ``progress`` is
+    called with each slice index once that slice's decodes of a sweep are done.
     """
     depth, height, width = volume.shape
     size = backend.image_size
     boxes = np.asarray(boxes)
     ranges = [clip_box_3d(box, depth) for box in boxes]
-    needed = sorted({z for z_min, z_max in ranges for z in range(z_min, z_max + 1)})
+    tracks = [_BoxTrack(index + 1, box, z_range, (height, width), size)
+              for index, (box, z_range) in enumerate(zip(boxes, ranges))
+              if z_range[0] <= z_range[1]]     # a box wholly outside the volume paints nothing
+    needed = sorted({z for track in tracks for z in range(track.z_min, track.z_max + 1)})
     embeddings = SliceEmbeddings(backend, volume, needed)
-    new_hw = embeddings.new_hw
     segs = np.zeros(volume.shape, np.uint16 if len(boxes) >= 256 else np.uint8)
+    if not tracks:
+        return segs
 
-    for index, (box, (z_min, z_max)) in enumerate(zip(boxes, ranges)):
-        label = index + 1
-        if z_min > z_max:        # the box lies wholly outside the volume
-            continue
-        middle_box = scale_boxes_to_256(box[[0, 1, 3, 4]][None], (height, width), size)[0]
-        middle_box = middle_box.astype(np.float32)
-        z_mid = min(max(int((int(box[5]) - int(box[2])) / 2 + int(box[2])), z_min), z_max)
-        masks: dict[int, np.ndarray] = {}
-
-        def segment(z: int, neighbour: int | None) -> None:
-            prompt = middle_box if neighbour is None else _box_from_previous(
-                masks[neighbour], label, middle_box, size)
-            logits, _ = backend.decode(embeddings[z], prompt[None])
-            masks[z] = logits_to_mask(logits, new_hw, (height, width))[0]
-
-        segment(z_mid, None)
-        for z in range(z_mid + 1, z_max + 1):
-            segment(z, z - 1)
-        for z in range(z_mid - 1, z_min - 1, -1):     # down to z_min inclusive (slice 0 too)
-            segment(z, z + 1)
-        for z, mask in masks.items():
-            segs[z][mask] = label
+    def run(z: int, active: list[_BoxTrack], prompts: list[np.ndarray], upward: bool) -> None:
+        masks = _decode_slice(backend, embeddings[z], prompts, embeddings.new_hw,
+                              (height, width))
+        for track, mask in zip(active, masks):
+            # Labels grow with the box index, so "later box wins" is "largest label wins":
+            # painting with a maximum gives the box-order result whatever the decode order.
+            np.maximum(segs[z], np.where(mask, track.label, 0).astype(segs.dtype), out=segs[z])
+            next_prompt = _box_from_previous(mask, track.label, track.middle_box, size)
+            if z == track.z_mid:               # the middle slice seeds both directions
+                track.prompt_up = track.prompt_down = next_prompt
+            elif upward:
+                track.prompt_up = next_prompt
+            else:
+                track.prompt_down = next_prompt
         if progress is not None:
-            progress(index)
+            progress(z)
+
+    for z in range(min(t.z_mid for t in tracks), max(t.z_max for t in tracks) + 1):
+        active = [t for t in tracks if t.z_mid <= z <= t.z_max]
+        if active:
+            run(z, active, [t.middle_box if z == t.z_mid else t.prompt_up for t in active],
+                upward=True)
+    for z in range(max(t.z_mid for t in tracks) - 1, min(t.z_min for t in tracks) - 1, -1):
+        active = [t for t in tracks if t.z_min <= z < t.z_mid]   # down to z_min, slice 0 too
+        if active:
+            run(z, active, [t.prompt_down for t in active], upward=False)
     return segs

@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 
 
-def session_options(threads: int | None = None):
-    """Full graph optimisation, ``threads`` intra-op threads (default: every core)."""
+def session_options(threads: int | None = None, spin: bool = False):
+    """Full graph optimisation, ``threads`` intra-op threads (default: every core).
+
+    ``spin=False`` makes idle worker threads sleep instead of busy-waiting between operators.
+    With one thread per core, spinning takes the cores from everything else on the machine
+    (the decoder has hundreds of small operators, so the workers spin much of the time); on a
+    shared 2-core machine sleeping was 10-30 % faster (docs/benchmarks.md).
+    """
     import onnxruntime as ort  # noqa: PLC0415
 
     options = ort.SessionOptions()
@@ -21,6 +27,7 @@ def session_options(threads: int | None = None):
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
