@@ -203,7 +203,7 @@ def test_uninterrupted_run_writes_everything(runs):
         final["['params']['mask_decoder']['iou_token']"])
 
 
-def test_a_workdir_initialises_the_next_stage(setup, runs):
+def test_a_workdir_initialises_the_next_stage(setup, runs, tmp_path):
     """``model.init_from`` may name a previous stage's WORKDIR (which holds a training
     config.json too): it is recognised as such and its best checkpoint is loaded."""
     import dataclasses
@@ -220,7 +220,7 @@ def test_a_workdir_initialises_the_next_stage(setup, runs):
     assert (baseline / "config.json").is_file()
     assert init_source_kind(baseline) == "workdir"
     assert init_source_kind(baseline / "model") == "model_dir"
-    assert init_source_kind(setup["root"]) is None
+    assert init_source_kind(tmp_path) is None                    # neither
     assert init_source_model_config(baseline) == read_model_config(baseline / "model")[0]
     config = TrainConfig.from_json(json.loads(setup["config"].read_text()))
     config = dataclasses.replace(
