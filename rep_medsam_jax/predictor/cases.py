@@ -46,11 +46,18 @@ def predict_2d(backend: Backend, image: np.ndarray, boxes: np.ndarray) -> np.nda
     embedding = backend.encode(tensor[None])
     boxes256 = scale_boxes_to_256(np.asarray(boxes)[:, :4], (height, width), size)
     boxes256 = boxes256.astype(np.float32)
-    masks = np.zeros((len(boxes256), height, width), bool)
-    for start in range(0, len(boxes256), DECODE_CHUNK):
-        logits, _ = backend.decode(embedding, boxes256[start:start + DECODE_CHUNK])
-        masks[start:start + DECODE_CHUNK] = logits_to_mask(logits, new_hw, (height, width))
+    masks = _decode_boxes(backend, embedding, boxes256, new_hw, (height, width))
     return paint_labels(masks, np.arange(1, len(boxes256) + 1), (height, width))
+
+
+def _decode_boxes(backend: Backend, embedding: np.ndarray, prompts: np.ndarray,
+                  new_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
+    """N prompts (N, 4) on one image embedding, DECODE_CHUNK boxes per call -> (N, H, W) bool."""
+    masks = np.zeros((len(prompts), *original_hw), bool)
+    for start in range(0, len(prompts), DECODE_CHUNK):
+        logits, _ = backend.decode(embedding, prompts[start:start + DECODE_CHUNK])
+        masks[start:start + DECODE_CHUNK] = logits_to_mask(logits, new_hw, original_hw)
+    return masks
 
 
 def _slice_tensor(volume: np.ndarray, z: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -117,16 +124,6 @@ class _BoxTrack:
         self.prompt_down = self.middle_box    # for the next slice down, z - 1
 
 
-def _decode_slice(backend: Backend, embedding: np.ndarray, prompts: list[np.ndarray],
-                  new_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
-    """Every prompt on one slice embedding, DECODE_CHUNK boxes per call -> (N, H, W) bool."""
-    masks = np.zeros((len(prompts), *original_hw), bool)
-    for start in range(0, len(prompts), DECODE_CHUNK):
-        logits, _ = backend.decode(embedding, np.stack(prompts[start:start + DECODE_CHUNK]))
-        masks[start:start + DECODE_CHUNK] = logits_to_mask(logits, new_hw, original_hw)
-    return masks
-
-
 def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
     """One volume and its 3D boxes -> label volume, propagating from each box's middle slice.
@@ -155,7 +152,7 @@ def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
         return segs
 
     def run(z: int, active: list[_BoxTrack], prompts: list[np.ndarray], upward: bool) -> None:
-        masks = _decode_slice(backend, embeddings[z], prompts, embeddings.new_hw,
+        masks = _decode_boxes(backend, embeddings[z], np.stack(prompts), embeddings.new_hw,
                               (height, width))
         for track, mask in zip(active, masks):
             # Labels grow with the box index, so "later box wins" is "largest label wins":
