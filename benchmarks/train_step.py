@@ -198,6 +198,22 @@ def bench_torch(kind: str, dtype: str, args, batch) -> dict:
     return _row("torch", kind, dtype, device, compile_seconds, times, args.batch)
 
 
+def print_table(rows: list[dict]) -> None:
+    """The rows, with each JAX row's throughput as a multiple of the PyTorch row of the same
+    step and dtype from this run (the baseline)."""
+    torch_rate = {(r["step"], r["dtype"]): r["images_per_s"] for r in rows
+                  if r["framework"] == "torch"}
+    print(f"\n{'framework':9} {'step':8} {'dtype':9} {'device':6} {'first s':>8} "
+          f"{'step s':>8} {'img/s':>8} {'vs torch':>9}")
+    for row in rows:
+        baseline = torch_rate.get((row["step"], row["dtype"]))
+        ratio = (f"{row['images_per_s'] / baseline:8.2f}x"
+                 if row["framework"] == "jax" and baseline else f"{'':9}")
+        print(f"{row['framework']:9} {row['step']:8} {row['dtype']:9} {row['device']:6} "
+              f"{row['first_call_s']:8.1f} {row['step_s']:8.3f} {row['images_per_s']:8.2f} "
+              f"{ratio}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -243,11 +259,7 @@ def main() -> None:
             if run_torch:
                 rows.append(bench_torch(kind, dtype, args, batch))
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'framework':9} {'step':8} {'dtype':9} {'device':6} {'first s':>8} "
-          f"{'step s':>8} {'img/s':>8}")
-    for row in rows:
-        print(f"{row['framework']:9} {row['step']:8} {row['dtype']:9} {row['device']:6} "
-              f"{row['first_call_s']:8.1f} {row['step_s']:8.3f} {row['images_per_s']:8.2f}")
+    print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
