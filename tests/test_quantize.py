@@ -249,3 +249,27 @@ def test_export_command_calibrates_on_a_folder_skipping_bad_files(tiny_model_dir
     meta = json.loads((out / "export.json").read_text())
     assert meta["int8"]["calibration_images"] == 2
     assert (out / "encoder_int8.onnx").is_file()
+
+
+def test_predict_int8_runs_the_int8_encoder_and_refuses_without_one(tiny_export_dir,
+                                                                     calibration, tmp_path):
+    import shutil
+
+    from rep_medsam_jax.predictor.backend import open_backend
+    from rep_medsam_jax.predictor.onnx_backend import OnnxBackend
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export_dir, export)
+    with pytest.raises(ValueError, match="export --int8|--int8"):
+        open_backend(export, "onnx", int8=True)                  # no int8 encoder yet
+    q.quantize_encoder(export / "encoder.onnx", export / "encoder_int8.onnx", calibration,
+                       export / "decoder.onnx", 256, agreement_cases=1)
+    with pytest.raises(ValueError, match="--backend onnx"):
+        open_backend(export, "jax", int8=True)
+
+    images = calibration[:1]
+    fp32 = OnnxBackend(export / "encoder.onnx", export / "decoder.onnx").encode(images)
+    int8 = OnnxBackend(export / "encoder_int8.onnx", export / "decoder.onnx").encode(images)
+    assert np.abs(int8 - fp32).max() > 1e-4            # the two encoders are distinguishable
+    np.testing.assert_array_equal(open_backend(export, "onnx", int8=True).encode(images), int8)
+    np.testing.assert_array_equal(open_backend(export, "onnx").encode(images), fp32)
