@@ -26,7 +26,9 @@ from rep_medsam_jax.training.optim import OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 6
-pytestmark = pytest.mark.slow
+# One xdist worker runs the whole module (``make test`` uses ``--dist loadgroup``): the module
+# fixtures below train six runs, and with plain ``load`` each worker rebuilt them (~5 min each).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("training_loop")]
 
 
 @pytest.fixture(scope="module")
