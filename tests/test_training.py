@@ -338,6 +338,11 @@ def test_config_errors_are_clear(tmp_path):
         apply_overrides(_phantom_config(), ["batch_size=abc"])
     with pytest.raises(ConfigError, match="teacher_cache_dir"):
         validate(_phantom_config(stage="distill"))
+    # URLs are refused, not turned into a local folder named "gs:".
+    with pytest.raises(ConfigError, match="--workdir gs://b/run is a URL"):
+        validate(_phantom_config(), "gs://b/run")
+    with pytest.raises(ConfigError, match="model.init_from gs://b/distill is a URL"):
+        validate(apply_overrides(_phantom_config(), ["model.init_from=gs://b/distill"]))
 
 
 def _fake_checkpoint(workdir: Path, model_json: dict) -> None:

@@ -287,6 +287,7 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
     ``workdir`` existing checkpoints there must be of the same model."""
     from rep_medsam_jax.models.config import MODEL_PRESETS  # noqa: PLC0415
 
+    _check_local_paths(config, workdir)
     _need(config.stage in STAGES, f"stage must be one of {STAGES}, got {config.stage!r}")
     _need(config.model.preset in MODEL_PRESETS,
           f"model.preset {config.model.preset!r} is unknown; known: {sorted(MODEL_PRESETS)}")
@@ -383,6 +384,20 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
         _check_init_from(config, model_config)
     if workdir is not None:
         _check_existing_checkpoints(config, model_config, Path(workdir))
+
+
+def _check_local_paths(config: TrainConfig, workdir: str | Path | None) -> None:
+    """Every path is read or written with the local file system: a ``gs://`` or other URL
+    would become a local folder named ``gs:`` (a WORKDIR) or a confusing "does not exist"."""
+    paths = {"--workdir": workdir, "data.dataset_dir": config.data.dataset_dir,
+             "data.teacher_cache_dir": config.data.teacher_cache_dir,
+             "data.eval_teacher_cache_dir": config.data.eval_teacher_cache_dir,
+             "model.init_from": config.model.init_from,
+             "teacher.model_dir": config.teacher.model_dir}
+    for name, value in paths.items():
+        _need(not (value and "://" in str(value)),
+              f"{name} {value} is a URL: paths must be on a mounted file system (for a bucket, "
+              "mount it, e.g. gcsfuse BUCKET /mnt/BUCKET, and give /mnt/BUCKET/...)")
 
 
 def resolve_model_config(config: TrainConfig):
