@@ -44,9 +44,22 @@ CASES = {  # name: (kind, shape, number of boxes)
 }
 
 
-def _python(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints one JSON line last."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+# Defined in every timing subprocess: the median of n timed calls after one untimed call.
+_MEDIAN = """
+import statistics, time
+def median(fn, n=REPEATS):
+    fn(); ts = []
+    for _ in range(n):
+        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+"""
+
+
+def _python(code: str, repeats: int) -> dict:
+    """Run ``code`` in a fresh interpreter, after defining ``median(fn, n=repeats)``; the code
+    prints one JSON line last."""
+    source = _MEDIAN.replace("REPEATS", str(repeats)) + textwrap.dedent(code)
+    result = subprocess.run([sys.executable, "-c", source], cwd=ROOT,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
@@ -109,13 +122,8 @@ def make_cases(workdir: Path) -> dict[str, Path]:
 
 def micro_onnx(export: Path, repeats: int) -> dict:
     return _python(f"""
-        import json, statistics, time, numpy as np, onnxruntime as ort
+        import json, numpy as np, onnxruntime as ort
         from rep_medsam_jax.predictor.onnx_backend import session_options
-        def median(fn, n={repeats}):
-            fn(); ts = []
-            for _ in range(n):
-                t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-            return statistics.median(ts)
         x = np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
         out = {{}}
         for name in ("encoder.onnx", "encoder_int8.onnx"):
@@ -128,18 +136,13 @@ def micro_onnx(export: Path, repeats: int) -> dict:
             boxes = np.tile(np.array([[30, 40, 200, 180]], np.float32), (n, 1))
             out[f"decoder_{{n}}"] = median(lambda: d.run(None, {{"embedding": emb, "boxes": boxes}}))
         print(json.dumps(out))
-    """)
+    """, repeats)
 
 
 def micro_openvino(export: Path, repeats: int) -> dict:
     return _python(f"""
-        import json, statistics, time, numpy as np
+        import json, numpy as np
         from rep_medsam_jax.predictor.openvino_backend import OpenVinoBackend
-        def median(fn, n={repeats}):
-            fn(); ts = []
-            for _ in range(n):
-                t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-            return statistics.median(ts)
         x = np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
         out = {{}}
         for name in ("encoder.onnx", "encoder_int8.onnx"):
@@ -150,19 +153,14 @@ def micro_openvino(export: Path, repeats: int) -> dict:
             boxes = np.tile(np.array([[30, 40, 200, 180]], np.float32), (n, 1))
             out[f"decoder_{{n}}"] = median(lambda: b.decode(emb, boxes))
         print(json.dumps(out))
-    """)
+    """, repeats)
 
 
 def micro_torch(checkpoint: Path, repeats: int) -> dict:
     return _python(f"""
-        import json, statistics, time, numpy as np, torch
+        import json, numpy as np, torch
         from rep_medsam_jax.models.config import REPVIT_VARIANTS
         from tests.reference.medsam_lite_torch import MedSAMLiteTorch, fused_copy
-        def median(fn, n={repeats}):
-            fn(); ts = []
-            for _ in range(n):
-                t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-            return statistics.median(ts)
         m = MedSAMLiteTorch(REPVIT_VARIANTS["rep_medsam_m1_0"].rows)
         m.load_state_dict(torch.load("{checkpoint}"))
         m = fused_copy(m.eval())
@@ -182,7 +180,7 @@ def micro_torch(checkpoint: Path, repeats: int) -> dict:
             out["decoder_16_looped"] = median(lambda: [decode(1) for _ in range(16)], 3)
             out["decoder_16_batched"] = median(lambda: decode(16), 3)
         print(json.dumps(out))
-    """)
+    """, repeats)
 
 
 def _mean_label_dice(a: np.ndarray, b: np.ndarray) -> float:
