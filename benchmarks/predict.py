@@ -12,7 +12,7 @@ Prints, with ratios against the PyTorch reference measured in the same run:
 Each timing runs in a fresh process; onnxruntime never shares a process with JAX or torch.
 
     python benchmarks/predict.py [--workdir DIR] [--repeats 10] [--case-repeats 1]
-                                 [--cases NAME ...]
+                                 [--cases NAME ...] [--original-script]
 
 On a shared machine the load changes between runs: ``--case-repeats N`` runs each whole case N
 times, rotating which pipeline goes first, and reports the medians and the median of the
@@ -208,6 +208,9 @@ def main() -> None:
     parser.add_argument("--case-repeats", type=int, default=1,
                         help="whole-case runs per pipeline, alternating which goes first")
     parser.add_argument("--cases", nargs="*", default=list(CASES), help="subset of cases")
+    parser.add_argument("--original-script", action="store_true",
+                        help="3D cases also through the original (paper-timed) reference "
+                             "script, which encodes each slice again for every box")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +267,11 @@ def main() -> None:
             "ours": ours + ["-o", str(outputs["ours"])],
             "int8": ours + ["-o", str(outputs["int8"]), "--int8"],
         }
+        if args.original_script and CASES[name][0] == "3d":
+            outputs["orig"] = workdir / "out_orig" / name
+            commands["orig"] = [sys.executable, "benchmarks/torch_reference_predict.py", "-i",
+                                str(folder), "-o", str(outputs["orig"]), "--checkpoint",
+                                str(paths["checkpoint"]), "--original-script"]
         order = list(commands)
         times: dict[str, list[float]] = {which: [] for which in order}
         for repeat in range(args.case_repeats):
@@ -274,6 +282,9 @@ def main() -> None:
         median = {which: float(np.median(t)) for which, t in times.items()}
         ratio = {which: float(np.median(np.array(times[which]) / np.array(times["ref"])))
                  for which in ("ours", "int8")}
+        if "orig" in times:
+            ratio["ours_vs_orig"] = float(np.median(np.array(times["ours"])
+                                                    / np.array(times["orig"])))
         segs = {which: np.load(out / f"{name}.npz")["segs"] for which, out in outputs.items()}
         agree = float(np.mean(segs["ours"] == segs["ref"]))
         int8_dsc = _mean_label_dice(segs["int8"], segs["ours"])
@@ -285,6 +296,9 @@ def main() -> None:
               f"{ratio['ours']:6.2f}x {median['int8']:8.2f} s {ratio['int8']:5.2f}x"
               f"   (voxel agreement with ref {agree:.4f}, int8 DSC {int8_dsc:.3f}){spread}",
               flush=True)
+        if "orig" in times:
+            print(f"{'':26s} original script {median['orig']:.2f} s: ours (onnx) "
+                  f"{ratio['ours_vs_orig']:.2f}x of it", flush=True)
 
 
 if __name__ == "__main__":

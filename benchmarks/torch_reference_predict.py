@@ -22,6 +22,9 @@ def main() -> None:
     parser.add_argument("-i", "--input", required=True)
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--original-script", action="store_true",
+                        help="3D as the original, paper-timed script: every slice encoded again "
+                             "for each box (SPEC §7.3), instead of the updated script's cache")
     args = parser.parse_args()
 
     import numpy as np
@@ -40,7 +43,8 @@ def main() -> None:
     for path in sorted(Path(args.input).glob("*.npz")):
         data = np.load(path)
         if path.name.startswith("3D"):
-            segs = infer_3d(model, data["imgs"], data["boxes"])
+            segs = infer_3d(model, data["imgs"], data["boxes"],
+                            original_script=args.original_script)
         else:
             segs = infer_2d(model, data["imgs"], data["boxes"])
         np.savez_compressed(out / path.name, segs=segs)

@@ -125,15 +125,30 @@ def infer_2d(model, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def infer_3d(model, volume: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """The updated script (embedding cache, downward bound max(-1, z_min - 1))."""
+def infer_3d(model, volume: np.ndarray, boxes: np.ndarray, original_script: bool = False
+             ) -> np.ndarray:
+    """The updated script (embedding cache, downward bound max(-1, z_min - 1)).
+
+    ``original_script``: the original (paper-timed) script instead, SPEC §7.3: every slice is
+    encoded again inside the per-box loops, and the downward bound is max(0, z_min - 1) (slice
+    0 is never segmented). For benchmarks.
+    """
     depth, h, w = volume.shape
     segs = np.zeros_like(volume, dtype=np.uint8)
     z_lo, z_hi = int(boxes[:, 2].min()), int(boxes[:, 5].max())
     embeddings, new_hw = {}, None
-    for z in range(z_lo, min(z_hi, depth - 1) + 1):
+
+    def encode(z):
+        nonlocal new_hw
         tensor, new_hw = image_tensor(np.repeat(volume[z][:, :, None], 3, axis=-1))
-        embeddings[z] = model.image_encoder(tensor)
+        return model.image_encoder(tensor)
+
+    if original_script:
+        embeddings = _EncodeEveryTime(encode)
+    else:
+        for z in range(z_lo, min(z_hi, depth - 1) + 1):
+            embeddings[z] = encode(z)
+    lowest = 0 if original_script else -1
     for index, box3d in enumerate(boxes, start=1):
         temp = np.zeros_like(volume, dtype=np.uint8)
         box2d = box3d[[0, 1, 3, 4]]
@@ -147,9 +162,19 @@ def infer_3d(model, volume: np.ndarray, boxes: np.ndarray) -> np.ndarray:
                 previous = resize_longest_side(temp[z - 1], 256)
                 box256 = get_bbox256(pad_image(previous)) if np.max(previous) > 0 else box_middle
             temp[z][medsam_inference(model, embeddings[z], box256, new_hw, (h, w)) > 0] = index
-        for z in range(z_middle - 1, max(-1, z_min - 1), -1):
+        for z in range(z_middle - 1, max(lowest, z_min - 1), -1):
             previous = resize_longest_side(temp[z + 1], 256)
             box256 = get_bbox256(pad_image(previous)) if np.max(previous) > 0 else box_middle
             temp[z][medsam_inference(model, embeddings[z], box256, new_hw, (h, w)) > 0] = index
         segs[temp > 0] = index
     return segs
+
+
+class _EncodeEveryTime:
+    """``embeddings[z]`` that runs the encoder on every lookup (the original script)."""
+
+    def __init__(self, encode):
+        self._encode = encode
+
+    def __getitem__(self, z: int):
+        return self._encode(z)
