@@ -42,6 +42,16 @@ def test_exported_models_have_symbolic_batch_and_box_count(tiny_export_dir):
         np.testing.assert_allclose(logits, np.repeat(logits[:1], n, 0), atol=1e-5)
 
 
+def test_decoder_has_no_einsum_node(tiny_export_dir):
+    """onnxruntime runs Einsum slowly on the CPU: the decoder's products (attention with one
+    image shared by N boxes, transposed convolutions, positional encoding) export as MatMul/Gemm."""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tiny_export_dir / "decoder.onnx")).graph.node}
+    assert "Einsum" not in ops
+    assert {"MatMul", "Gemm"} <= ops
+
+
 def test_failed_verification_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "TOLERANCE", -1.0)     # no export can pass
     target = tmp_path / "export"

@@ -20,7 +20,7 @@ from rep_medsam_jax.convert.state_dict import CheckpointMismatchError, StateDict
 from rep_medsam_jax.models.config import DecoderConfig
 from rep_medsam_jax.models.mask_decoder import ConvTranspose2x2, MaskDecoder
 from rep_medsam_jax.models.prompt_encoder import PromptEncoder
-from rep_medsam_jax.models.transformer import TwoWayTransformer
+from rep_medsam_jax.models.transformer import Attention, TwoWayTransformer
 from tests.reference.randomise import randomise_, torch_state
 from tests.reference.sam_modeling import load_sam_modeling
 
@@ -287,3 +287,52 @@ def test_full_size_boxes_end_to_end():
               f"(|ref| max {ref_masks.abs().max():.1f}), iou {iou_diff:.1e}; "
               f"jit+run {seconds:.1f} s")
         assert mask_diff < TOLERANCE and iou_diff < TOLERANCE
+
+
+# --- every product order of Attention vs the formula ----------------------------------------
+# Attention picks how to order its products from the shapes (transformer.py); each order must
+# equal SAM's plain multi-head attention, written here in NumPy float64 (SPEC §3.3).
+
+
+def _reference_attention(params, q, k, v, heads):
+    """SAM's Attention in NumPy: project, split heads, softmax(q k^T / sqrt(d)) v, merge, out."""
+    def proj(x, name):
+        return x @ params[name]["kernel"] + params[name]["bias"]
+
+    def split(x):
+        b, n, c = x.shape
+        return x.reshape(b, n, heads, c // heads).transpose(0, 2, 1, 3)
+
+    qh, kh, vh = split(proj(q, "q_proj")), split(proj(k, "k_proj")), split(proj(v, "v_proj"))
+    scores = qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(qh.shape[-1])
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = probs @ vh
+    b, h, n, d = out.shape
+    return proj(out.transpose(0, 2, 1, 3).reshape(b, n, h * d), "out_proj")
+
+
+@pytest.mark.parametrize("q_shape, kv_shape", [
+    ((3, 7, 32), (3, 7, 32)),      # token self-attention: plain form
+    ((3, 7, 32), (1, 50, 32)),     # tokens -> one shared image: keys projected once
+    ((1, 50, 32), (3, 7, 32)),     # one shared image -> tokens: queries projected once
+    ((3, 2, 32), (3, 50, 32)),     # few tokens -> per-prompt image: projections folded
+    ((3, 50, 32), (3, 2, 32)),     # per-prompt image -> few tokens: projections folded
+    ((3, 9, 32), (3, 50, 32)),     # too many tokens to fold (4 * 9 > 16): plain form
+    ((1, 50, 32), (3, 9, 32)),     # shared image -> many tokens
+])
+def test_attention_product_orders_match_the_formula(q_shape, kv_shape):
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=q_shape).astype(np.float32)
+    k = rng.normal(size=kv_shape).astype(np.float32)
+    v = rng.normal(size=kv_shape).astype(np.float32)
+    attention = Attention(32, num_heads=4, downsample_rate=2)
+    variables = attention.init(jax.random.key(0), q, k, v)
+    params = jax.tree_util.tree_map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
+                                    variables["params"])
+    out = np.asarray(attention.apply({"params": params}, q, k, v))
+    params64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+    expected = _reference_attention(params64, q.astype(np.float64), k.astype(np.float64),
+                                   v.astype(np.float64), heads=4)
+    assert out.shape == expected.shape
+    assert np.max(np.abs(out - expected)) < 1e-5

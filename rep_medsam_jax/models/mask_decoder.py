@@ -2,11 +2,17 @@
 
 One image embedding (batch 1) can serve N prompts: it is never copied per prompt by hand; the
 image side broadcasts until the transformer's first image->token update makes it per prompt.
-The k=2, s=2 transposed convolutions are written as one matrix product + reshape + transpose
-(no overlap between output pixels), and the hypernetwork-times-features product as a batched
-matrix product: both export to ONNX MatMul. (Written as einsums they exported as Einsum nodes,
+The k=2, s=2 transposed convolutions are written as one matrix product + reshape (no overlap
+between output pixels), and the hypernetwork-times-features product as a batched matrix
+product: they export to ONNX Gemm and MatMul. (Written as einsums they exported as Einsum nodes,
 which onnxruntime ran slowly: 24-35 % of the decoder's CPU time; as MatMul the decoder took
 0.63x the time for one box and 0.86x for six, same outputs to 3e-7.)
+
+Everything after the transformer acts on each pixel alone (the transposed convolutions map one
+input pixel to its own 2x2 output pixels; LayerNorm2d, GELU and the hypernetwork product are
+per pixel), so the upscaling stays in "sub-pixel" order, (N, h, w, 2, 2, 2, 2, C/8), and only
+the final (N, M, ...) masks are interleaved into (4h, 4w): one small transpose instead of two
+transposes of the 4x and 16x upscaled feature maps.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import jax.numpy as jnp
 
 from rep_medsam_jax.models.config import DecoderConfig
 from rep_medsam_jax.models.layers import LayerNorm2d, gelu
-from rep_medsam_jax.models.transformer import TwoWayTransformer
+from rep_medsam_jax.models.transformer import TwoWayTransformer, linear
 
 # PyTorch's nn.Embedding initialises with N(0, 1).
 _embedding_init = nn.initializers.normal(stddev=1.0)
@@ -28,39 +34,67 @@ class ConvTranspose2x2(nn.Module):
 
     out[b, 2i+a, 2j+s, o] = bias[o] + Σ_c x[b, i, j, c] · kernel[a, s, c, o]. The kernel is
     PyTorch's (Cin, Cout, kh, kw) weight transposed to (kh, kw, Cin, Cout).
+    With ``interleave=False`` the output stays in sub-pixel order: (..., Cin) -> (..., 2, 2,
+    Cout), where [..., a, s, :] is output pixel (2i+a, 2j+s) of input pixel (..., i, j, :).
     """
 
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, interleave: bool = True) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (2, 2, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        batch, height, width, channels = x.shape
-        # (c, a*s*o): one matrix product gives every output pixel's four sub-pixels.
+        channels = x.shape[-1]
+        # (c, a*s*o): one matrix product gives every input pixel's four output pixels.
         flat_kernel = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(channels, 4 * self.features)
-        # 2-D operands: jax2onnx writes a (B, h, w, c) @ (c, n) product as an Einsum node.
-        y = (x.reshape(-1, channels) @ flat_kernel).reshape(batch, height, width, 2, 2,
-                                                               self.features)
+        # One Gemm in ONNX, bias included (``linear``); 2-D, as jax2onnx writes (B, h, w, c) @
+        # (c, n) as an Einsum node.
+        y = linear(x.reshape(-1, channels), flat_kernel, jnp.tile(bias, 4))
+        y = y.reshape(*x.shape[:-1], 2, 2, self.features)
+        if not interleave:
+            return y
+        batch, height, width, _ = x.shape
         # Axes (b, i, a, j, s, o) flatten row-major to rows 2i+a and columns 2j+s.
         y = jnp.transpose(y, (0, 1, 3, 2, 4, 5))
-        return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
+        return y.reshape(batch, 2 * height, 2 * width, self.features)
+
+
+def interleave_subpixels(x: jax.Array) -> jax.Array:
+    """Two nested 2x2 upscalings in sub-pixel order -> image order.
+
+    x (B, h, w, 2, 2, 2, 2, ...): [b, i, j, a, s, a2, s2] is pixel (4i + 2a + a2, 4j + 2s + s2)
+    -> (B, ..., 4h, 4w) (trailing axes move before the image axes).
+    """
+    batch, height, width = x.shape[:3]
+    rest = x.shape[7:]
+    trailing = tuple(range(7, x.ndim))
+    # (b, rest, i, a, a2, j, s, s2) flattens row-major to rows 4i+2a+a2, columns 4j+2s+s2.
+    x = jnp.transpose(x, (0, *trailing, 1, 3, 5, 2, 4, 6))
+    return x.reshape(batch, *rest, 4 * height, 4 * width)
 
 
 class OutputUpscaling(nn.Module):
     """(B, h, w, C) -> (B, 4h, 4w, C/8): ConvT, LayerNorm2d, GELU, ConvT, GELU.
 
     Children are named after the PyTorch ``nn.Sequential`` indexes (2 and 4 are the GELUs).
+    With ``interleave=False`` the output is in sub-pixel order, (B, h, w, 2, 2, 2, 2, C/8)
+    (see ``interleave_subpixels``): every step is per pixel, so the order does not matter.
     """
 
     transformer_dim: int = 256
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = ConvTranspose2x2(self.transformer_dim // 4, name="conv_transpose_0")(x)
+    def __call__(self, x: jax.Array, interleave: bool = True) -> jax.Array:
+        x = ConvTranspose2x2(self.transformer_dim // 4, name="conv_transpose_0")(
+            x, interleave=False)
         x = gelu(LayerNorm2d(name="norm_1")(x))
-        return gelu(ConvTranspose2x2(self.transformer_dim // 8, name="conv_transpose_3")(x))
+        x = gelu(ConvTranspose2x2(self.transformer_dim // 8, name="conv_transpose_3")(
+            x, interleave=False))
+        if not interleave:
+            return x
+        # The channel axis rides along as a trailing axis, then goes back last.
+        return jnp.moveaxis(interleave_subpixels(x), 1, -1)
 
 
 class MLP(nn.Module):
@@ -137,7 +171,7 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = queries[:, 1:1 + num_mask_tokens]   # (N, T, C)
 
         upscaled = OutputUpscaling(dim, name="output_upscaling")(
-            keys.reshape(num_prompts, height, width, dim))    # (N, 4h, 4w, C/8)
+            keys.reshape(num_prompts, height, width, dim), interleave=False)
         hyper_in = jnp.stack(
             [MLP(dim, dim // 8, 3, name=f"output_hypernetworks_mlps_{t}")(mask_tokens_out[:, t])
              for t in range(num_mask_tokens)], axis=1)        # (N, T, C/8)
@@ -147,8 +181,9 @@ class MaskDecoder(nn.Module):
         # Select before the (large) mask product: single-mask decoding makes one mask, not four.
         selected = slice(1, None) if multimask_output else slice(0, 1)
         hyper = hyper_in[:, selected]                                      # (N, T', c)
-        n, up_h, up_w, channels = upscaled.shape
-        # (N, 4h*4w, c) @ (N, c, T') -> (N, 4h*4w, T'): T' is 1 or 3, so the transpose is small.
-        masks = upscaled.reshape(n, up_h * up_w, channels) @ jnp.swapaxes(hyper, 1, 2)
-        masks = jnp.swapaxes(masks, 1, 2).reshape(n, hyper.shape[1], up_h, up_w)
-        return masks, iou_pred[:, selected]
+        channels = upscaled.shape[-1]
+        # Sub-pixel order (N, h, w, 2, 2, 2, 2, c): (N, 16hw, c) @ (N, c, T') -> (N, 16hw, T'),
+        # then one transpose of the masks (T' is 1 or 3) into (N, T', 4h, 4w).
+        masks = upscaled.reshape(num_prompts, -1, channels) @ jnp.swapaxes(hyper, 1, 2)
+        masks = masks.reshape(*upscaled.shape[:-1], hyper.shape[1])
+        return interleave_subpixels(masks), iou_pred[:, selected]

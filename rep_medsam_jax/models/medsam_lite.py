@@ -63,12 +63,13 @@ class MedSAMLite(nn.Module):
         boxes: (N, 4) [x0, y0, x1, y1] in the model's S x S input frame (float).
         M = 1 unless ``multimask_output``.
         """
-        sparse, dense = self.prompt_encoder(boxes=boxes)
+        # Box-only prompts: every row of the dense embedding is the same no_mask_embed, so take
+        # one row (never built N times: an exported model would Expand it) and let the decoder
+        # broadcast; the image-side work before the first image->token update is then done
+        # once for all boxes instead of once per box.
+        sparse, dense = self.prompt_encoder(boxes=boxes, shared_dense=True)
         image_pe = self.prompt_encoder.get_dense_pe()
-        # Box-only prompts: every row of ``dense`` is the same no_mask_embed, so pass one row and
-        # let the decoder broadcast; the image-side work before the first image->token update
-        # is then done once for all boxes instead of once per box.
-        return self.mask_decoder(embedding, image_pe, sparse, dense[:1],
+        return self.mask_decoder(embedding, image_pe, sparse, dense,
                                  multimask_output=multimask_output)
 
     def __call__(self, images: jax.Array, boxes: jax.Array, train: bool = False

@@ -46,7 +46,9 @@ class PositionEmbeddingRandom(nn.Module):
         """(..., 2) positions in [0, 1]², ordered (x, y) -> (..., 2 * num_pos_feats), sin first."""
         # A buffer in the original: loaded, never learned.
         gaussian = jax.lax.stop_gradient(self.positional_encoding_gaussian_matrix)
-        projected = 2.0 * jnp.pi * ((2.0 * coords - 1.0) @ gaussian)
+        # A 2-D product: jax2onnx writes (..., 2) @ (2, F) as an Einsum node (slow in onnxruntime).
+        flat = (2.0 * coords - 1.0).reshape(-1, 2) @ gaussian
+        projected = 2.0 * jnp.pi * flat.reshape(*coords.shape[:-1], gaussian.shape[-1])
         return jnp.concatenate([jnp.sin(projected), jnp.cos(projected)], axis=-1)
 
     def encode_pixels(self, coords: jax.Array, image_size: tuple[int, int]) -> jax.Array:
@@ -152,13 +154,16 @@ class PromptEncoder(nn.Module):
 
     def __call__(self, points: Optional[tuple[jax.Array, jax.Array]] = None,
                  boxes: Optional[jax.Array] = None,
-                 masks: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+                 masks: Optional[jax.Array] = None,
+                 shared_dense: bool = False) -> tuple[jax.Array, jax.Array]:
         """Embed the prompts given.
 
         points: (coords (B, Np, 2) pixels (x, y), labels (B, Np)); boxes: (B, 4) [x0, y0, x1, y1]
         pixels; masks: (B, 4h, 4w, 1). Returns sparse (B, Ns, C) (points first, then box corners)
         and dense (B, h, w, C). With no mask every row of dense is the same ``no_mask_embed``:
         the decoder accepts ``dense[:1]`` then, which lets boxes share image-side work.
+        ``shared_dense=True`` returns that one row, (1, h, w, C), when there is no mask: an
+        exported model would otherwise build all B rows (an ONNX Expand) before the slice.
         """
         if points is not None:
             batch = points[0].shape[0]
@@ -188,5 +193,6 @@ class PromptEncoder(nn.Module):
                 self.mask_downscaling(jnp.zeros((1, *self.mask_input_size, 1), jnp.float32))
             height, width = self.image_embedding_size
             dense = jnp.broadcast_to(self.no_mask_embed.reshape(1, 1, 1, -1),
-                                     (batch, height, width, self.embed_dim))
+                                     (1 if shared_dense else batch, height, width,
+                                      self.embed_dim))
         return sparse, dense
