@@ -209,8 +209,9 @@ def main() -> None:
                         help="whole-case runs per pipeline, alternating which goes first")
     parser.add_argument("--cases", nargs="*", default=list(CASES), help="subset of cases")
     parser.add_argument("--original-script", action="store_true",
-                        help="3D cases also through the original (paper-timed) reference "
-                             "script, which encodes each slice again for every box")
+                        help="3D cases with several boxes also through the original "
+                             "(paper-timed) reference script, which encodes each slice again "
+                             "for every box")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +268,7 @@ def main() -> None:
             "ours": ours + ["-o", str(outputs["ours"])],
             "int8": ours + ["-o", str(outputs["int8"]), "--int8"],
         }
-        if args.original_script and CASES[name][0] == "3d":
+        if args.original_script and CASES[name][0] == "3d" and CASES[name][2] > 1:
             outputs["orig"] = workdir / "out_orig" / name
             commands["orig"] = [sys.executable, "benchmarks/torch_reference_predict.py", "-i",
                                 str(folder), "-o", str(outputs["orig"]), "--checkpoint",
