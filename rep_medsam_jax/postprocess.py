@@ -32,23 +32,38 @@ def _linear_source_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.
     return lower, upper, (source - lower).astype(np.float32)
 
 
-def resize_bilinear(images: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """(N, h, w) float -> (N, H, W) float32, bilinear, align_corners=False, no antialias.
+def _blend(images: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]
+           ) -> np.ndarray:
+    """The bilinear blend at the given source indices: images (N, h, w) float32, rows and cols
+    (lower, upper, upper weight) from ``_linear_source_indices`` (or slices of them)
+    -> (N, len(rows[0]), len(cols[0])) float32.
 
-    Separable: columns first, then rows (PyTorch's CPU kernel blends along the width
-    inside the height blend, so this order rounds the same way), each a gather of the
-    two neighbours and a blend in float32.
+    Separable: columns first, then rows (PyTorch's CPU kernel blends along the width inside the
+    height blend, so this order rounds the same way), each a gather of the two neighbours and a
+    blend in float32.
     """
-    images = np.asarray(images, dtype=np.float32)
-    out_h, out_w = out_hw
-    row_lo, row_hi, row_weight = _linear_source_indices(images.shape[1], out_h)
-    col_lo, col_hi, col_weight = _linear_source_indices(images.shape[2], out_w)
+    row_lo, row_hi, row_weight = rows
+    col_lo, col_hi, col_weight = cols
     # np.take is markedly faster than fancy indexing for these gathers.
-    columns = (np.take(images, col_lo, axis=2) * (np.float32(1.0) - col_weight)
-               + np.take(images, col_hi, axis=2) * col_weight)
-    row_weight = row_weight[None, :, None]
-    return (np.take(columns, row_lo, axis=1) * (np.float32(1.0) - row_weight)
-            + np.take(columns, row_hi, axis=1) * row_weight)
+    columns = (np.take(images, col_lo, axis=-1) * (np.float32(1.0) - col_weight)
+               + np.take(images, col_hi, axis=-1) * col_weight)
+    row_weight = row_weight[:, None]
+    return (np.take(columns, row_lo, axis=-2) * (np.float32(1.0) - row_weight)
+            + np.take(columns, row_hi, axis=-2) * row_weight)
+
+
+def resize_bilinear(images: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """(N, h, w) float -> (N, H, W) float32, bilinear, align_corners=False, no antialias."""
+    images = np.asarray(images, dtype=np.float32)
+    return _blend(images, _linear_source_indices(images.shape[1], out_hw[0]),
+                  _linear_source_indices(images.shape[2], out_hw[1]))
+
+
+def _reach(lower: np.ndarray, upper: np.ndarray, first: int, last: int) -> slice:
+    """The output indices with a source neighbour in [first, last]: lower and upper (the two
+    neighbours of each output index) never decrease, so those indices are one range."""
+    return slice(int(np.searchsorted(upper, first, side="left")),
+                 int(np.searchsorted(lower, last, side="right")))
 
 
 def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
@@ -57,13 +72,33 @@ def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
 
     new_hw: (newh, neww), the valid block of the padded 256x256 input;
     original_hw: (H, W) of the original image or slice.
+
+    Equal to ``resize_bilinear(cropped, original_hw) > 0``, but computed only where it can be
+    true: an output pixel blends its source neighbours with weights >= 0, so it is > 0 only if
+    one of them is. Each mask is resized inside the output window reached by the bounding box
+    of its positive logits, with the whole image's indices and weights, so the values there are
+    the same; an object is usually a small part of a large image (19 cells on a 1536 x 2040
+    micrograph: 1.5 s of resizing became a few hundredths).
     """
     low_res_logits = np.asarray(low_res_logits)
     if low_res_logits.ndim != 3:
         raise ValueError(f"expected (N, 256, 256) logits, got shape {low_res_logits.shape}")
     newh, neww = new_hw
-    cropped = low_res_logits[:, :newh, :neww]
-    return resize_bilinear(cropped, original_hw) > 0
+    cropped = np.asarray(low_res_logits[:, :newh, :neww], dtype=np.float32)
+    rows = _linear_source_indices(newh, original_hw[0])
+    cols = _linear_source_indices(neww, original_hw[1])
+    masks = np.zeros((len(cropped), *original_hw), bool)
+    for mask, logits in zip(masks, cropped):
+        positive = logits > 0
+        hit_rows = np.flatnonzero(positive.any(axis=1))
+        if hit_rows.size == 0:
+            continue
+        hit_cols = np.flatnonzero(positive.any(axis=0))
+        row_window = _reach(rows[0], rows[1], hit_rows[0], hit_rows[-1])
+        col_window = _reach(cols[0], cols[1], hit_cols[0], hit_cols[-1])
+        mask[row_window, col_window] = _blend(
+            logits, tuple(a[row_window] for a in rows), tuple(a[col_window] for a in cols)) > 0
+    return masks
 
 
 def label_dtype(max_label: int) -> np.dtype:

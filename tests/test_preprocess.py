@@ -213,3 +213,24 @@ def test_modules_do_not_import_jax():
     code = ("import sys, rep_medsam_jax.metrics, rep_medsam_jax.preprocess, rep_medsam_jax.postprocess; "
             "assert 'jax' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_logits_to_mask_windows_equal_the_whole_image_resize():
+    """logits_to_mask resizes each mask only around its positive logits: the result must be
+    the whole-image resize thresholded, pixel for pixel (borders, single pixels, empty masks,
+    shrinking and enlarging)."""
+    rng = np.random.default_rng(7)
+    for new_hw, original_hw in [((256, 192), (1536, 1152)), ((200, 256), (150, 190)),
+                                ((17, 256), (40, 600)), ((256, 256), (256, 256))]:
+        newh, neww = new_hw
+        logits = np.full((5, 256, 256), -4.0, np.float32)
+        logits[0, newh // 4:newh // 4 + 3, 70:90] = 3.0        # a blob inside
+        logits[1, 0, 0] = 0.5                               # a single pixel in a corner
+        logits[1, newh - 1, neww - 3:neww] = 2.0            # and a run on the far border
+        logits[2] = rng.normal(-2, 2, (256, 256))           # scattered positives
+        logits[3, newh:, :] = 9.0                           # positive only in the padding
+        logits[4, newh // 2, neww // 2] = 1e-6              # barely positive
+        whole = postprocess.resize_bilinear(logits[:, :newh, :neww], original_hw) > 0
+        masks = postprocess.logits_to_mask(logits, new_hw, original_hw)
+        np.testing.assert_array_equal(masks, whole, err_msg=str((new_hw, original_hw)))
+        assert masks[0].any() and masks[1].any() and not masks[3].any()
