@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "work_dirs" / "bench_predict"))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--case-repeats", type=int, default=1,
-                        help="whole-case runs per pipeline, alternating which goes first")
+                        help="whole-case runs per pipeline, rotating which goes first")
     parser.add_argument("--cases", nargs="*", default=list(CASES), help="subset of cases")
     parser.add_argument("--original-script", action="store_true",
                         help="3D cases with several boxes also through the original "
