@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 -q
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 -q
 
 demo: setup
 	$(PY) -m rep_medsam_jax.demo --out demo_output
