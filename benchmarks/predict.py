@@ -183,17 +183,6 @@ def micro_torch(checkpoint: Path, repeats: int) -> dict:
     """, repeats)
 
 
-def _mean_label_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean DSC over the labels present in either label map (1.0 when both are empty)."""
-    scores = []
-    for label in np.union1d(np.unique(a), np.unique(b)):
-        if label == 0:
-            continue
-        x, y = a == label, b == label
-        scores.append(2 * np.logical_and(x, y).sum() / (x.sum() + y.sum()))
-    return float(np.mean(scores)) if scores else 1.0
-
-
 def whole_case(command: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -217,6 +206,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     paths = prepare(workdir)
     folders = make_cases(workdir)
+    from rep_medsam_jax.export.quantize import label_agreement
     meta = json.loads((paths["export"] / "export.json").read_text())
 
     print(f"machine: {os.cpu_count()} cores; weights: random full-size rep_medsam_m1_0")
@@ -260,46 +250,47 @@ def main() -> None:
     for name in args.cases:
         folder = folders[name]
         outputs = {which: workdir / f"out_{which}" / name for which in ("ref", "ours", "int8")}
+        reference = [sys.executable, "benchmarks/torch_reference_predict.py", "-i", str(folder),
+                     "--checkpoint", str(paths["checkpoint"])]
         ours = [sys.executable, "-m", "rep_medsam_jax.cli", "predict", "-i", str(folder),
                 "--model", str(paths["export"]), "-q"]
         commands = {
-            "ref": [sys.executable, "benchmarks/torch_reference_predict.py", "-i", str(folder),
-                    "-o", str(outputs["ref"]), "--checkpoint", str(paths["checkpoint"])],
+            "ref": reference + ["-o", str(outputs["ref"])],
             "ours": ours + ["-o", str(outputs["ours"])],
             "int8": ours + ["-o", str(outputs["int8"]), "--int8"],
         }
         if args.original_script and CASES[name][0] == "3d" and CASES[name][2] > 1:
             outputs["orig"] = workdir / "out_orig" / name
-            commands["orig"] = [sys.executable, "benchmarks/torch_reference_predict.py", "-i",
-                                str(folder), "-o", str(outputs["orig"]), "--checkpoint",
-                                str(paths["checkpoint"]), "--original-script"]
+            commands["orig"] = reference + ["-o", str(outputs["orig"]), "--original-script"]
         order = list(commands)
         times: dict[str, list[float]] = {which: [] for which in order}
         for repeat in range(args.case_repeats):
             # Rotate which pipeline goes first: the load drifts during a run.
-            for which in order[repeat % 3:] + order[:repeat % 3]:
+            first = repeat % len(order)
+            for which in order[first:] + order[:first]:
                 shutil.rmtree(outputs[which], ignore_errors=True)
                 times[which].append(whole_case(commands[which]))
         median = {which: float(np.median(t)) for which, t in times.items()}
-        ratio = {which: float(np.median(np.array(times[which]) / np.array(times["ref"])))
-                 for which in ("ours", "int8")}
-        if "orig" in times:
-            ratio["ours_vs_orig"] = float(np.median(np.array(times["ours"])
-                                                    / np.array(times["orig"])))
+
+        def paired_ratio(which: str, baseline: str) -> float:
+            """Median over the repeats of which's time / baseline's time in the same repeat."""
+            return float(np.median(np.array(times[which]) / np.array(times[baseline])))
+
         segs = {which: np.load(out / f"{name}.npz")["segs"] for which, out in outputs.items()}
         agree = float(np.mean(segs["ours"] == segs["ref"]))
-        int8_dsc = _mean_label_dice(segs["int8"], segs["ours"])
+        int8_dsc = label_agreement([segs["ours"]], [segs["int8"]], [CASES[name][2]])
         spread = ""
         if args.case_repeats > 1:
             spread = "   runs " + " / ".join(
                 f"{which} " + " ".join(f"{t:.1f}" for t in times[which]) for which in order)
         print(f"{name:26s} {median['ref']:10.2f} s {median['ours']:10.2f} s "
-              f"{ratio['ours']:6.2f}x {median['int8']:8.2f} s {ratio['int8']:5.2f}x"
+              f"{paired_ratio('ours', 'ref'):6.2f}x {median['int8']:8.2f} s "
+              f"{paired_ratio('int8', 'ref'):5.2f}x"
               f"   (voxel agreement with ref {agree:.4f}, int8 DSC {int8_dsc:.3f}){spread}",
               flush=True)
         if "orig" in times:
             print(f"{'':26s} original script {median['orig']:.2f} s: ours (onnx) "
-                  f"{ratio['ours_vs_orig']:.2f}x of it", flush=True)
+                  f"{paired_ratio('ours', 'orig'):.2f}x of it", flush=True)
 
 
 if __name__ == "__main__":
