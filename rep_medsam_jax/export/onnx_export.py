@@ -25,6 +25,7 @@ import numpy as np
 
 from rep_medsam_jax.model_dir import atomic_directory, load_model_dir
 from rep_medsam_jax.models.config import ModelConfig
+from rep_medsam_jax.predictor.backend import INT8_ENCODER   # the file predict --int8 opens
 
 EXPORT_FORMAT = "rep_medsam_jax.export"
 TOLERANCE = 1e-3
@@ -176,7 +177,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
             from rep_medsam_jax.export.quantize import quantize_encoder  # noqa: PLC0415
 
             log("quantising the encoder to static per-channel int8")
-            meta["int8"] = quantize_encoder(tmp / "encoder.onnx", tmp / "encoder_int8.onnx",
+            meta["int8"] = quantize_encoder(tmp / "encoder.onnx", tmp / INT8_ENCODER,
                                             calibration_images, tmp / "decoder.onnx", size)
             log(f"int8 encoder: {meta['int8']['speed_ratio_int8_over_fp32']:.2f}x the fp32 "
                 f"latency, mask DSC vs fp32 {meta['int8']['mask_dsc_int8_vs_fp32']:.4f}")
