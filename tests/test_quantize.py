@@ -59,12 +59,19 @@ def test_sensitive_nodes_are_found_by_structure(prepared):
     assert [n.op_type for n in neck].count("Sqrt") == 2
     assert model.graph.output[0].name in {out for n in neck for out in n.output}
 
-    # One gate per SE row of the config (row[3] is the SE flag), each ending in its Mul.
+    # One gate per SE row of the config (row[3] is the SE flag), each ending in its Mul; after
+    # the exporter's rewrite a gate is GlobalAveragePool -> 1x1 Conv -> Relu -> 1x1 Conv ->
+    # Sigmoid -> Resize -> Mul, its convs reading the pooled (B, C, 1, 1) map.
     se = [by_name[name] for name in groups["se"]]
     se_rows = sum(row[3] for row in REPVIT_VARIANTS["rep_medsam_tiny"].rows)
     assert [n.op_type for n in se].count("Sigmoid") == se_rows == 4
-    assert [n.op_type for n in se].count("ReduceMean") == se_rows
-    assert not {n.op_type for n in se} & {"Conv", "Sqrt", "Sub"}   # no body conv, no LayerNorm
+    assert [n.op_type for n in se].count("GlobalAveragePool") == se_rows
+    assert [n.op_type for n in se].count("Mul") == se_rows
+    assert [n.op_type for n in se].count("Conv") == 2 * se_rows
+    pooled = {n.output[0] for n in se if n.op_type == "GlobalAveragePool"}
+    relus = {n.output[0] for n in se if n.op_type == "Relu"}
+    assert all(n.input[0] in pooled | relus for n in se if n.op_type == "Conv")
+    assert not {n.op_type for n in se} & {"Sqrt", "Sub"}             # no LayerNorm
 
 
 def test_float_groups_stay_float_and_the_rest_is_int8(prepared, calibration, tmp_path):
@@ -73,24 +80,23 @@ def test_float_groups_stay_float_and_the_rest_is_int8(prepared, calibration, tmp
     path, model = prepared
     groups = q.sensitive_nodes(model)
     conv_names = {node.name for node in model.graph.node if node.op_type == "Conv"}
-    float_convs = {groups["stem"][0]} | (set(groups["neck"]) & conv_names)
-    assert len(float_convs) == 3
+    float_convs = ({groups["stem"][0]} | (set(groups["neck"]) & conv_names)
+                   | (set(groups["se"]) & conv_names))
+    assert len(float_convs) == 3 + 2 * 4                     # stem, 2 neck, 2 per SE gate
 
     kept = q.quantize_prepared(path, tmp_path / "int8.onnx", calibration, q.DEFAULT_RECIPE)
-    assert set(kept) == set(q.DEFAULT_RECIPE.keep_float) == {"stem", "neck"}
+    assert set(kept) == set(q.DEFAULT_RECIPE.keep_float) == {"stem", "se", "neck"}
     int8 = onnx.load(str(tmp_path / "int8.onnx"))
     convs = [node for node in int8.graph.node if node.op_type == "Conv"]
     assert len(convs) == sum(node.op_type == "Conv" for node in model.graph.node)
     for conv in convs:
         assert _weight_is_quantized(int8, conv) == (conv.name not in float_convs), conv.name
-    # Only convolutions are quantised: no LayerNorm / SE result is rounded to int8, and the
-    # SE Gemms keep float weights.
+    # Only body convolutions are quantised: no LayerNorm / SE result is rounded to int8.
     consumers = {name: n.op_type for n in int8.graph.node for name in n.input}
     for node in int8.graph.node:
-        if node.op_type in ("Sqrt", "Sub", "Gemm", "Sigmoid", "ReduceMean"):
+        if node.op_type in ("Sqrt", "Sub", "Sigmoid", "ReduceMean", "GlobalAveragePool",
+                            "Resize"):
             assert consumers.get(node.output[0]) != "QuantizeLinear", node.name
-        if node.op_type == "Gemm":
-            assert not _weight_is_quantized(int8, node), node.name
 
 
 def test_quantize_everything_recipe_does_quantize_the_neck(prepared, calibration, tmp_path):
@@ -153,7 +159,7 @@ def test_quantize_encoder_reports_agreement_speed_and_recipe(tiny_export_dir, ca
     assert meta["calibration_images"] == 2 and meta["agreement_cases"] == 2
     assert meta["calibration_method"] == q.DEFAULT_RECIPE.calibration
     assert meta["recipe"]["keep_float"] == list(q.DEFAULT_RECIPE.keep_float)
-    assert set(meta["float_nodes"]) == {"stem", "neck"} and meta["float_nodes"]["stem"]
+    assert set(meta["float_nodes"]) == {"stem", "se", "neck"} and meta["float_nodes"]["stem"]
     assert 0.0 <= meta["mask_dsc_int8_vs_fp32"] <= 1.0
     assert meta["speed_ratio_int8_over_fp32"] == pytest.approx(
         meta["latency_int8_s"] / meta["latency_fp32_s"])

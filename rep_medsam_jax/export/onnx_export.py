@@ -8,7 +8,8 @@ Export directory::
       encoder_int8.onnx   (with --int8) static per-channel QDQ int8 encoder
       export.json         variant, preprocessing constants, versions, checksums, verification
 
-B and N are symbolic. Every model is run in onnxruntime against JAX on random inputs before
+B and N are symbolic. The encoder graph gets value-preserving rewrites that keep onnxruntime in
+its blocked conv layout (graph_passes.py). Every model is run in onnxruntime against JAX on random inputs before
 anything is written; an error above the tolerance fails the export with the figures.
 """
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import tempfile
 from collections.abc import Callable, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
+from rep_medsam_jax.export.graph_passes import drop_broadcast_expands, squeeze_excite_blocked
 from rep_medsam_jax.model_dir import atomic_directory, load_model_dir
 from rep_medsam_jax.models.config import ModelConfig
 from rep_medsam_jax.predictor.backend import INT8_ENCODER   # the file predict --int8 opens
@@ -137,6 +140,12 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
     log("exporting the image encoder")
     encoder_proto = _to_onnx(encode, [("B", size, size, 3)], "image_encoder", ["images"],
                              ["embeddings"])
+    rewrites = {"broadcast_expands_dropped": drop_broadcast_expands(encoder_proto)}
+    # onnxruntime runs int8 convs channels-last, where jax2onnx's NHWC squeeze-excite gate
+    # already fits: the int8 encoder is quantised from the graph before the gate rewrite
+    # (2-7 % faster than from the rewritten one; docs/benchmarks.md).
+    int8_source = encoder_proto.SerializeToString() if int8 else None
+    rewrites["squeeze_excite_blocked"] = squeeze_excite_blocked(encoder_proto)
     log("exporting the prompt encoder + mask decoder")
     box_spec = jax.ShapeDtypeStruct(("N", 4), np.float32)
     decoder_proto = _to_onnx(decode, [(1, grid, grid, channels), box_spec], "prompt_decoder",
@@ -168,6 +177,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
                           "pad": "zeros bottom/right", "boxes": "x * image_size / max(H, W), "
                           "truncated"},
         "verification": {"max_abs_error": errors, "tolerance": TOLERANCE},
+        "encoder_graph_rewrites": rewrites,
         "versions": _versions(), "opset": OPSET, "default_encoder": "encoder.onnx",
     }
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -177,8 +187,12 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
             from rep_medsam_jax.export.quantize import quantize_encoder  # noqa: PLC0415
 
             log("quantising the encoder to static per-channel int8")
-            meta["int8"] = quantize_encoder(tmp / "encoder.onnx", tmp / INT8_ENCODER,
-                                            calibration_images, tmp / "decoder.onnx", size)
+            with tempfile.TemporaryDirectory() as scratch:
+                source = Path(scratch) / "encoder_before_gate_rewrite.onnx"
+                source.write_bytes(int8_source)
+                meta["int8"] = quantize_encoder(tmp / "encoder.onnx", tmp / INT8_ENCODER,
+                                                calibration_images, tmp / "decoder.onnx", size,
+                                                source_path=source)
             log(f"int8 encoder: {meta['int8']['speed_ratio_int8_over_fp32']:.2f}x the fp32 "
                 f"latency, mask DSC vs fp32 {meta['int8']['mask_dsc_int8_vs_fp32']:.4f}")
         meta["checksums"] = {p.name: _sha256(p) for p in sorted(tmp.glob("*.onnx"))}

@@ -7,8 +7,9 @@ encoder stays the default.
 The recipe (:class:`Int8Recipe`) says which ops become int8 and which nodes stay float. Only
 the convolutions are worth quantising: they are the run time. Quantising everything else too
 (the decomposed LayerNorms of the neck, where a squared deviation in uint8 loses the variance;
-the tiny squeeze-excite Gemms; residual Adds) costs accuracy and buys no speed. The stem conv
-(raw image in) and the neck (embedding out) are kept float as well, and activation ranges
+the tiny squeeze-excite gates, 1x1 convs on a pooled vector; residual Adds) costs accuracy and
+buys no speed. The stem conv (raw image in) and the neck (embedding out) are kept float as
+well, and activation ranges
 cut the 0.01 % tails (percentile calibration) instead of stretching to outliers (MinMax):
 see docs/benchmarks.md for the measured table behind the default.
 """
@@ -57,7 +58,7 @@ class Int8Recipe:
     calibration: str = "percentile"
     percentile: float = 99.99
     op_types: tuple[str, ...] = ("Conv",)
-    keep_float: tuple[str, ...] = ("stem", "neck")
+    keep_float: tuple[str, ...] = ("stem", "se", "neck")
     quant_format: str = "QDQ"
     per_channel: bool = True
     reduce_range: bool = False
@@ -92,7 +93,9 @@ class Int8Recipe:
 
 # Measured on the trained demo model and on random full-size weights (docs/benchmarks.md):
 # Conv-only with stem + neck in float and 99.99-percentile ranges had the smallest embedding
-# error of all recipes tried, at the same speed as quantising everything.
+# error of all recipes tried, at the same speed as quantising everything. The SE gates were
+# Gemms then (not quantised as Conv-only); the exporter now writes them as 1x1 convs, kept
+# float by name so that the recipe quantises the same layers as before.
 DEFAULT_RECIPE = Int8Recipe()
 # What `--int8` did before the recipe existed (every quantisable op, MinMax): DSC 0.69 on
 # random full-size weights. Kept to measure against.
@@ -222,11 +225,15 @@ def _descendants(graph, start_nodes: list, consumers: dict) -> list:
 
 
 def _squeeze_excite_nodes(graph, consumers: dict) -> list:
-    """Nodes of every SE gate: ReduceMean -> Gemm/Conv -> Relu -> Gemm/Conv -> Sigmoid
-    (-> broadcast) -> Mul with the gated features, the Mul included."""
+    """Nodes of every SE gate, from the spatial mean to the Mul that applies the gate (the Mul
+    included): ReduceMean -> Gemm -> Relu -> Gemm -> Sigmoid (-> broadcast) -> Mul as jax2onnx
+    writes it, or GlobalAveragePool -> 1x1 Conv -> Relu -> 1x1 Conv -> Sigmoid -> Resize -> Mul
+    after the exporter's blocked-layout rewrite (graph_passes.py)."""
     found = []
     for node in graph.node:
-        if node.op_type != "ReduceMean" or _is_layernorm_input(node.input[0], consumers):
+        if node.op_type not in ("ReduceMean", "GlobalAveragePool"):
+            continue
+        if node.op_type == "ReduceMean" and _is_layernorm_input(node.input[0], consumers):
             continue
         gate, frontier = [node], [node]
         while frontier:
@@ -246,7 +253,8 @@ def sensitive_nodes(model) -> dict[str, list[str]]:
     """Names of the encoder nodes in each of `NODE_GROUPS`, found by structure (not by name):
 
     stem: the first Conv (sees the raw [0, 1] image, 3 input channels).
-    se: the squeeze-excite gates (ReduceMean ... Sigmoid -> Mul).
+    se: the squeeze-excite gates (spatial mean ... Sigmoid -> Mul): 1x1 convs on a 1x1 map
+        after the exporter's rewrite, tiny and run once per image, so worth no int8 rounding.
     neck: from the first Conv whose output feeds a decomposed LayerNorm to the graph output
         (neck convs, both LayerNorms, the last conv): the embedding the decoder reads.
     """
@@ -405,9 +413,14 @@ def quantize_prepared(prepared_path: Path, int8_path: Path, calibration_images: 
 
 def quantize_encoder(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray | None,
                      decoder_path: Path, image_size: int = 256, agreement_cases: int = 8,
-                     recipe: Int8Recipe = DEFAULT_RECIPE) -> dict:
+                     recipe: Int8Recipe = DEFAULT_RECIPE, source_path: Path | None = None) -> dict:
     """Write ``int8_path``; return the recipe, the float-kept nodes, calibration size, the
-    speed ratio and the mask agreement with fp32 (mean DSC on generated cases)."""
+    speed ratio and the mask agreement with fp32 (mean DSC on generated cases).
+
+    source_path: the graph to quantise when it is not ``fp32_path`` itself (the exporter
+        quantises the encoder as jax2onnx wrote its squeeze-excite gates); ``fp32_path`` stays
+        the reference for speed and agreement.
+    """
     import onnxruntime as ort  # noqa: PLC0415
 
     from rep_medsam_jax.predictor.onnx_backend import OnnxBackend, session_options  # noqa
@@ -418,7 +431,7 @@ def quantize_encoder(fp32_path: Path, int8_path: Path, calibration_images: np.nd
     calibration_images = _resize_inputs(np.asarray(calibration_images, np.float32), image_size)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        prepare_for_quantization(fp32_path, prepared)
+        prepare_for_quantization(Path(source_path or fp32_path), prepared)
         kept = quantize_prepared(prepared, int8_path, calibration_images, recipe)
 
     sessions = [ort.InferenceSession(str(path), session_options(),

@@ -1,0 +1,258 @@
+"""Value-preserving rewrites of jax2onnx's encoder graph that keep onnxruntime in its fast layout.
+
+onnxruntime runs the encoder's convolutions in a channel-blocked layout (NCHWc: channels in
+blocks of 8 or 16 innermost) and re-lays tensors out (ReorderInput / ReorderOutput, each a pass
+over the tensor) wherever an op it cannot run blocked sits between two convolutions. Two
+patterns in jax2onnx's output force such re-layouts in every squeeze-excite (SE) block:
+
+* ``x * gate[:, None, None, :]`` traces to ``broadcast_in_dim`` + ``mul``; with a symbolic batch
+  jax2onnx writes the broadcast as Shape/Gather/Concat/Reshape/Expand, and the dynamic Expand
+  stops onnxruntime's transpose optimiser, so the gate, the Mul and the block's residual Add
+  stay in NHWC between NCHW convolutions (:func:`drop_broadcast_expands`);
+* the SE gate itself (spatial ReduceMean, two Gemms) and the gate Mul with a (B, C, 1, 1)
+  operand have no blocked form: onnxruntime blocks GlobalAveragePool, 1x1 Conv, nearest Resize
+  with static scales and a Mul of two equal-shape blocked tensors, so the gate is rewritten
+  into those ops (:func:`squeeze_excite_blocked`).
+
+Both rewrites compute the same values (the first exactly, the second up to float summation
+order: a mean by GlobalAveragePool instead of ReduceMean, a 1x1 Conv instead of a Gemm), and the
+exporter verifies the rewritten model against JAX like any other. Measured on the full-size
+encoder: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# lax's binary ops take operands of one shape, so in a graph traced from JAX an Expand that
+# feeds one of these only restates the other operand's shape, which ONNX broadcasting implies.
+_BROADCASTING_BINARY_OPS = ("Add", "Sub", "Mul", "Div")
+
+
+def _consumers(graph) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _producers(graph) -> dict[str, object]:
+    return {name: node for node in graph.node for name in node.output}
+
+
+def _remove_dead_nodes(graph) -> None:
+    """Drop nodes none of whose outputs is used (the shape arithmetic of a dropped Expand)."""
+    outputs = {value.name for value in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [node for node in graph.node if not any(o in used for o in node.output)]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
+def _remove_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+
+
+def drop_broadcast_expands(model) -> int:
+    """Feed each Expand's input straight to its consumers where they are broadcasting binary
+    ops whose other operand already has the full shape. Returns the number of Expands removed.
+
+    Exact: ONNX's numpy-style broadcasting gives the same values the Expand made explicit.
+    """
+    graph = model.graph
+    consumers = _consumers(graph)
+    producers = _producers(graph)
+    graph_outputs = {value.name for value in graph.output}
+    removed = 0
+    for node in list(graph.node):
+        if node.op_type != "Expand" or node.output[0] in graph_outputs:
+            continue
+        expanded = node.output[0]
+        users = consumers.get(expanded, [])
+        if not users or any(user.op_type not in _BROADCASTING_BINARY_OPS
+                            or len(user.input) != 2 for user in users):
+            continue
+        # The other operand must carry the full shape itself, not through another Expand.
+        others = [user.input[1] if user.input[0] == expanded else user.input[0]
+                  for user in users]
+        if any(other == expanded or getattr(producers.get(other), "op_type", None) == "Expand"
+               for other in others):
+            continue
+        for user in users:
+            for index, name in enumerate(user.input):
+                if name == expanded:
+                    user.input[index] = node.input[0]
+        removed += 1
+    if removed:
+        _remove_dead_nodes(graph)
+        _remove_unused_initializers(graph)
+    return removed
+
+
+def _constant(graph, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
+
+
+def _attribute(node, name: str, default=None):
+    from onnx import helper  # noqa: PLC0415
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _only_consumer(consumers: dict, name: str, op_type: str):
+    users = consumers.get(name, [])
+    return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+
+def _reshape_of_gate(consumers: dict, gate: str):
+    """The Reshape of the gate to (B, 1, 1, C); jax2onnx also reads the gate's Shape for the
+    symbolic batch of the target shape (that arithmetic dies with the Reshape)."""
+    users = consumers.get(gate, [])
+    reshapes = [user for user in users if user.op_type == "Reshape"]
+    if len(reshapes) != 1 or any(user.op_type not in ("Reshape", "Shape") for user in users):
+        return None
+    return reshapes[0]
+
+
+def _plain_gemm(graph, node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(W (in, out), b (out,)) of ``y = x @ W + b`` with constant W and b, else None."""
+    if node is None or len(node.input) != 3:
+        return None
+    if (_attribute(node, "transA", 0), _attribute(node, "transB", 0)) != (0, 0):
+        return None
+    if (_attribute(node, "alpha", 1.0), _attribute(node, "beta", 1.0)) != (1.0, 1.0):
+        return None
+    weight, bias = _constant(graph, node.input[1]), _constant(graph, node.input[2])
+    if weight is None or bias is None or weight.ndim != 2 or bias.shape != weight.shape[1:]:
+        return None
+    return weight, bias
+
+
+def _match_squeeze_excite(graph, mean, consumers, producers) -> dict | None:
+    """The jax2onnx form of ``SqueezeExcite`` (after :func:`drop_broadcast_expands`)::
+
+        t = Transpose(x, perm=[0, 2, 3, 1])            x: (B, C, H, W), the conv output
+        p = ReduceMean(t, axes=[1, 2], keepdims=0)     (B, C)
+        g = Sigmoid(Gemm(Relu(Gemm(p, W1, b1)), W2, b2))
+        y = Mul(t, Reshape(g, (B, 1, 1, C)))           (B, H, W, C)
+    """
+    transpose = producers.get(mean.input[0])
+    if transpose is None or transpose.op_type != "Transpose":
+        return None
+    if list(_attribute(transpose, "perm", [])) != [0, 2, 3, 1]:
+        return None
+    axes = _constant(graph, mean.input[1]) if len(mean.input) > 1 else None
+    if axes is None or sorted(int(a) for a in axes.ravel()) != [1, 2]:
+        return None
+    if _attribute(mean, "keepdims", 1) != 0:
+        return None
+    gemm1 = _only_consumer(consumers, mean.output[0], "Gemm")
+    relu = gemm1 and _only_consumer(consumers, gemm1.output[0], "Relu")
+    gemm2 = relu and _only_consumer(consumers, relu.output[0], "Gemm")
+    sigmoid = gemm2 and _only_consumer(consumers, gemm2.output[0], "Sigmoid")
+    reshape = sigmoid and _reshape_of_gate(consumers, sigmoid.output[0])
+    mul = reshape and _only_consumer(consumers, reshape.output[0], "Mul")
+    if mul is None or transpose.output[0] not in mul.input:
+        return None
+    fc1, fc2 = _plain_gemm(graph, gemm1), _plain_gemm(graph, gemm2)
+    if fc1 is None or fc2 is None:
+        return None
+    return {"x": transpose.input[0], "fc1": fc1, "fc2": fc2, "mul": mul,
+            "removed": [mean, gemm1, relu, gemm2, sigmoid, reshape, mul]}
+
+
+def squeeze_excite_blocked(model) -> int:
+    """Rewrite every SE gate into ops onnxruntime runs in its blocked layout::
+
+        gate = Sigmoid(Conv1x1(Relu(Conv1x1(GlobalAveragePool(x)))))     (B, C, 1, 1)
+        y    = Transpose(Mul(x, Resize_nearest(gate, scales=[1, 1, H, W])), [0, 2, 3, 1])
+
+    The trailing Transpose restores the NHWC tensor the rest of the graph reads (onnxruntime
+    cancels it against the next conv's). Shape annotations are added for the two (B, C, H, W)
+    operands of the Mul: onnxruntime runs a Mul blocked only when it can prove the shapes
+    equal, and shape inference loses the symbolic batch through Resize. Needs static H and W
+    (the encoder's input size is fixed). Returns the number of gates rewritten.
+    """
+    import onnx  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+
+    graph = model.graph
+    shapes = {}
+    for value in onnx.shape_inference.infer_shapes(model).graph.value_info:
+        shapes[value.name] = value.type.tensor_type.shape
+    consumers, producers = _consumers(graph), _producers(graph)
+
+    replacements: dict[int, list] = {}
+    removed: set[int] = set()
+    annotations = []
+    for node in graph.node:
+        if node.op_type != "ReduceMean":
+            continue
+        match = _match_squeeze_excite(graph, node, consumers, producers)
+        shape = match and shapes.get(match["x"])
+        if shape is None or len(shape.dim) != 4:
+            continue
+        height, width = (dim.dim_value for dim in shape.dim[2:])
+        if height <= 0 or width <= 0:
+            continue
+        index = len(replacements)
+        prefix = f"se_blocked_{index}"
+        (w1, b1), (w2, b2) = match["fc1"], match["fc2"]
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray(w1.T)[:, :, None, None], f"{prefix}_w1"),
+            numpy_helper.from_array(b1, f"{prefix}_b1"),
+            numpy_helper.from_array(np.ascontiguousarray(w2.T)[:, :, None, None], f"{prefix}_w2"),
+            numpy_helper.from_array(b2, f"{prefix}_b2"),
+            numpy_helper.from_array(np.array([1, 1, height, width], np.float32),
+                                    f"{prefix}_scales"),
+        ])
+        x = match["x"]
+        replacements[id(match["mul"])] = [
+            helper.make_node("GlobalAveragePool", [x], [f"{prefix}_pooled"]),
+            helper.make_node("Conv", [f"{prefix}_pooled", f"{prefix}_w1", f"{prefix}_b1"],
+                             [f"{prefix}_fc1"]),
+            helper.make_node("Relu", [f"{prefix}_fc1"], [f"{prefix}_hidden"]),
+            helper.make_node("Conv", [f"{prefix}_hidden", f"{prefix}_w2", f"{prefix}_b2"],
+                             [f"{prefix}_fc2"]),
+            helper.make_node("Sigmoid", [f"{prefix}_fc2"], [f"{prefix}_gate"]),
+            helper.make_node("Resize", [f"{prefix}_gate", "", f"{prefix}_scales"],
+                             [f"{prefix}_gate_full"], mode="nearest",
+                             coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+            helper.make_node("Mul", [x, f"{prefix}_gate_full"], [f"{prefix}_gated"]),
+            helper.make_node("Transpose", [f"{prefix}_gated"], [match["mul"].output[0]],
+                             perm=[0, 2, 3, 1]),
+        ]
+        removed.update(id(n) for n in match["removed"])
+        dims = [dim.dim_param or dim.dim_value for dim in shape.dim]
+        for name in (x, f"{prefix}_gate_full"):
+            annotations.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                                             dims))
+    if not replacements:
+        return 0
+    nodes = []
+    for node in graph.node:
+        if id(node) in replacements:
+            nodes.extend(replacements[id(node)])
+        elif id(node) not in removed:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.value_info.extend(annotations)
+    _remove_dead_nodes(graph)
+    _remove_unused_initializers(graph)
+    return len(replacements)
