@@ -9,6 +9,8 @@ only for float32 logits in (0, ~1.2e-7], where float32 sigmoid rounds to exactly
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -66,12 +68,20 @@ def _reach(lower: np.ndarray, upper: np.ndarray, first: int, last: int) -> slice
                  int(np.searchsorted(lower, last, side="right")))
 
 
+# Below this many output pixels in all (masks x H x W) the masks are resized in the calling
+# thread; above it, on every core: NumPy releases the GIL in the gathers and blends, and the
+# cores are otherwise idle between two decoder calls (19 masks of 1536 x 2040: 0.45 s -> see
+# docs/benchmarks.md).
+PARALLEL_MIN_PIXELS = 1 << 22
+
+
 def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
-                   original_hw: tuple[int, int]) -> np.ndarray:
+                   original_hw: tuple[int, int], workers: int | None = None) -> np.ndarray:
     """(N, 256, 256) logits -> (N, H, W) bool masks at the original image size.
 
     new_hw: (newh, neww), the valid block of the padded 256x256 input;
-    original_hw: (H, W) of the original image or slice.
+    original_hw: (H, W) of the original image or slice;
+    workers: threads resizing masks side by side (None: every core for large outputs, else 1).
 
     Equal to ``resize_bilinear(cropped, original_hw) > 0``, but computed only where it can be
     true: an output pixel blends its source neighbours with weights >= 0, so it is > 0 only if
@@ -88,16 +98,29 @@ def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
     rows = _linear_source_indices(newh, original_hw[0])
     cols = _linear_source_indices(neww, original_hw[1])
     masks = np.zeros((len(cropped), *original_hw), bool)
-    for mask, logits in zip(masks, cropped):
+
+    def resize_one(index: int) -> None:
+        logits = cropped[index]
         positive = logits > 0
         hit_rows = np.flatnonzero(positive.any(axis=1))
         if hit_rows.size == 0:
-            continue
+            return
         hit_cols = np.flatnonzero(positive.any(axis=0))
         row_window = _reach(rows[0], rows[1], hit_rows[0], hit_rows[-1])
         col_window = _reach(cols[0], cols[1], hit_cols[0], hit_cols[-1])
-        mask[row_window, col_window] = _blend(
+        masks[index, row_window, col_window] = _blend(
             logits, tuple(a[row_window] for a in rows), tuple(a[col_window] for a in cols)) > 0
+
+    if workers is None:
+        workers = (os.cpu_count() or 1) if masks.size >= PARALLEL_MIN_PIXELS else 1
+    workers = max(1, min(workers, len(cropped)))
+    if workers == 1:
+        for index in range(len(cropped)):
+            resize_one(index)
+    else:
+        # Each task writes its own mask: no two threads touch the same memory.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(resize_one, range(len(cropped))))
     return masks
 
 

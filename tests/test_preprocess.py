@@ -231,6 +231,9 @@ def test_logits_to_mask_windows_equal_the_whole_image_resize():
         logits[3, newh:, :] = 9.0                           # positive only in the padding
         logits[4, newh // 2, neww // 2] = 1e-6              # barely positive
         whole = postprocess.resize_bilinear(logits[:, :newh, :neww], original_hw) > 0
-        masks = postprocess.logits_to_mask(logits, new_hw, original_hw)
+        masks = postprocess.logits_to_mask(logits, new_hw, original_hw, workers=1)
         np.testing.assert_array_equal(masks, whole, err_msg=str((new_hw, original_hw)))
         assert masks[0].any() and masks[1].any() and not masks[3].any()
+        # Masks resized on several threads: each writes its own mask, the same values.
+        threaded = postprocess.logits_to_mask(logits, new_hw, original_hw, workers=3)
+        np.testing.assert_array_equal(threaded, whole, err_msg=str((new_hw, original_hw)))
