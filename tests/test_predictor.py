@@ -261,6 +261,23 @@ def test_3d_batched_sweeps_give_exactly_the_box_by_box_result(tiny_export_dir, m
     assert len(calls) == 8 + 9        # ...but one call per slice and sweep: up 2..9, down 8..0
 
 
+def test_onnx_batches_split_over_side_by_side_sessions_give_the_one_session_result(
+        tiny_export_dir):
+    """A batch of slices is split over sessions of threads // parts threads each: the same
+    embeddings, in the same order, as one session running the whole batch."""
+    from rep_medsam_jax.predictor.onnx_backend import OnnxBackend
+
+    backend = OnnxBackend(tiny_export_dir / "encoder.onnx", tiny_export_dir / "decoder.onnx",
+                          threads=2)
+    images = np.random.default_rng(3).random((5, 256, 256, 3), dtype=np.float32)
+    whole = backend._encoder.run(None, {backend._encoder_input: images})[0]
+    split = backend.encode(images)
+    assert len(backend._split_encoders[2]) == 2                 # 5 images over 2 sessions
+    np.testing.assert_allclose(split, whole, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(backend.encode(images[2:3]), whole[2:3], rtol=0, atol=1e-5)
+    assert list(backend._split_encoders) == [2]          # one image ran on the main session
+
+
 def test_onnx_predict_imports_neither_jax_nor_torch(tiny_export_dir, tmp_path):
     rng = np.random.default_rng(5)
     save_challenge_case(tmp_path / "in", tmp_path / "gts", "2DBox_CT_0000",

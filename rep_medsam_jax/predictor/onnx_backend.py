@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,15 @@ class OnnxBackend:
         import onnxruntime as ort  # noqa: PLC0415
 
         providers = ["CPUExecutionProvider"]
-        options = session_options(threads)
+        self._threads = threads or os.cpu_count() or 1
+        options = session_options(self._threads)
         self.image_size = image_size
-        self._encoder = ort.InferenceSession(str(encoder_path), options, providers=providers)
+        self._encoder_path = str(encoder_path)
+        self._encoder = ort.InferenceSession(self._encoder_path, options, providers=providers)
         self._decoder = ort.InferenceSession(str(decoder_path), options, providers=providers)
         self._encoder_input = self._encoder.get_inputs()[0].name
         self._decoder_inputs = [i.name for i in self._decoder.get_inputs()]
+        self._split_encoders: dict[int, list] = {}    # parts -> sessions, made when first needed
 
     @classmethod
     def from_export_dir(cls, export_dir: str | os.PathLike, threads: int | None = None,
@@ -56,8 +60,37 @@ class OnnxBackend:
                    int(meta["image_size"]), threads)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) float32 in [0, 1] -> (B, h, w, C) embeddings.
+
+        A batch of several images (the slices of a volume) is split over sessions running side
+        by side, each with its share of the threads: independent images need no
+        synchronisation between threads at every operator, which one session spread over all
+        of them pays (2 cores, 8 slices in calls of 4: 0.92-0.99x the time in fp32, 0.82-0.90x
+        in int8; benchmarks/batch_encode.py). One image runs on the one session with every
+        thread.
+        """
         images = np.ascontiguousarray(images, dtype=np.float32)
-        return self._encoder.run(None, {self._encoder_input: images})[0]
+        parts = min(len(images), self._threads)
+        if parts < 2:
+            return self._encoder.run(None, {self._encoder_input: images})[0]
+        sessions = self._encoders_side_by_side(parts)
+        chunks = np.array_split(images, parts)
+        with ThreadPoolExecutor(max_workers=parts) as pool:      # run() releases the GIL
+            embeddings = pool.map(lambda pair: pair[0].run(None, {self._encoder_input: pair[1]})[0],
+                                  zip(sessions, chunks))
+            return np.concatenate(list(embeddings))
+
+    def _encoders_side_by_side(self, parts: int) -> list:
+        """``parts`` encoder sessions with ``threads // parts`` threads each (made once)."""
+        import onnxruntime as ort  # noqa: PLC0415
+
+        if parts not in self._split_encoders:
+            options = session_options(max(1, self._threads // parts))
+            self._split_encoders[parts] = [
+                ort.InferenceSession(self._encoder_path, options,
+                                     providers=["CPUExecutionProvider"])
+                for _ in range(parts)]
+        return self._split_encoders[parts]
 
     def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         feeds = dict(zip(self._decoder_inputs,
