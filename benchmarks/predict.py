@@ -11,12 +11,13 @@ Prints, with ratios against the PyTorch reference measured in the same run:
 
 Each timing runs in a fresh process; onnxruntime never shares a process with JAX or torch.
 
-    python benchmarks/predict.py [--workdir DIR] [--repeats 10] [--case-repeats 1]
-                                 [--cases NAME ...] [--original-script]
+    python benchmarks/predict.py [--workdir DIR] [--repeats 10] [--micro-rounds 3]
+                                 [--case-repeats 1] [--cases NAME ...] [--original-script]
 
-On a shared machine the load changes between runs: ``--case-repeats N`` runs each whole case N
-times, rotating which pipeline goes first, and reports the medians and the median of the
-paired ratios.
+On a shared machine the load changes between runs: the encoder / decoder timings run in
+``--micro-rounds`` pairs of processes (onnxruntime, PyTorch; alternating which goes first), and
+``--case-repeats N`` runs each whole case N times, rotating which pipeline goes first; both
+report medians and the median of the paired ratios.
 """
 
 from __future__ import annotations
@@ -194,6 +195,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(ROOT / "work_dirs" / "bench_predict"))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--micro-rounds", type=int, default=3,
+                        help="encoder/decoder micro-benchmarks: rounds of one onnxruntime and "
+                             "one PyTorch process, alternating which goes first; ratios are "
+                             "medians of the per-round ratios")
     parser.add_argument("--case-repeats", type=int, default=1,
                         help="whole-case runs per pipeline, rotating which goes first")
     parser.add_argument("--cases", nargs="*", default=list(CASES), help="subset of cases")
@@ -210,13 +215,28 @@ def main() -> None:
     meta = json.loads((paths["export"] / "export.json").read_text())
 
     print(f"machine: {os.cpu_count()} cores; weights: random full-size rep_medsam_m1_0")
-    ours, ref = micro_onnx(paths["export"], args.repeats), micro_torch(paths["checkpoint"],
-                                                                        args.repeats)
-    print("\n== encoder, 256x256, batch 1 (median) ==")
+    rounds: dict[str, list[dict]] = {"ours": [], "ref": []}
+    for round_index in range(args.micro_rounds):
+        # The machine's speed drifts: pair each onnxruntime process with a PyTorch one.
+        for which in (("ours", "ref") if round_index % 2 == 0 else ("ref", "ours")):
+            rounds[which].append(micro_onnx(paths["export"], args.repeats) if which == "ours"
+                                 else micro_torch(paths["checkpoint"], args.repeats))
+    ours, ref = ({key: float(np.median([r[key] for r in rounds[which]])) for key in rounds[which][0]}
+                 for which in ("ours", "ref"))
+
+    def micro_ratio(our_key: str, ref_key: str) -> float:
+        """Median over the rounds of ours / PyTorch measured in the same round."""
+        return float(np.median([o[our_key] / r[ref_key]
+                                for o, r in zip(rounds["ours"], rounds["ref"])]))
+
+    print(f"\n== encoder, 256x256, batch 1 (median of {args.micro_rounds} rounds; ratio: "
+          "median of the per-round ratios) ==")
     print(f"PyTorch folded      {ref['encoder'] * 1e3:8.1f} ms   1.00x")
     for name, label in (("encoder.onnx", "onnxruntime fp32"), ("encoder_int8.onnx",
                                                               "onnxruntime int8")):
-        print(f"{label:19s} {ours[name] * 1e3:8.1f} ms   {ours[name] / ref['encoder']:.2f}x")
+        print(f"{label:19s} {ours[name] * 1e3:8.1f} ms   {micro_ratio(name, 'encoder'):.2f}x"
+              "   rounds " + " ".join(f"{o[name] / r['encoder']:.2f}"
+                                      for o, r in zip(rounds["ours"], rounds["ref"])))
     print(f"int8 mask DSC vs fp32 on phantom cases: {meta['int8']['mask_dsc_int8_vs_fp32']:.4f}")
     print("\n== prompt encoder + decoder (median) ==")
     print(f"PyTorch 1 box           {ref['decoder_1'] * 1e3:8.1f} ms")
@@ -225,10 +245,10 @@ def main() -> None:
     print(f"PyTorch 16 batched      {ref['decoder_16_batched'] * 1e3:8.1f} ms "
           f"({ref['decoder_16_batched'] / 16 * 1e3:.1f} ms/box)")
     print(f"ours 1 box              {ours['decoder_1'] * 1e3:8.1f} ms   "
-          f"{ours['decoder_1'] / ref['decoder_1']:.2f}x PyTorch 1 box")
+          f"{micro_ratio('decoder_1', 'decoder_1'):.2f}x PyTorch 1 box")
     print(f"ours 16 batched         {ours['decoder_16'] * 1e3:8.1f} ms "
           f"({ours['decoder_16'] / 16 * 1e3:.1f} ms/box)   "
-          f"{ours['decoder_16'] / ref['decoder_16_looped']:.2f}x PyTorch 16 looped")
+          f"{micro_ratio('decoder_16', 'decoder_16_looped'):.2f}x PyTorch 16 looped")
 
     try:
         import openvino  # noqa: F401
