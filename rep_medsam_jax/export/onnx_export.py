@@ -140,12 +140,14 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
     log("exporting the image encoder")
     encoder_proto = _to_onnx(encode, [("B", size, size, 3)], "image_encoder", ["images"],
                              ["embeddings"])
-    rewrites = {"broadcast_expands_dropped": drop_broadcast_expands(encoder_proto)}
-    # onnxruntime runs int8 convs channels-last, where jax2onnx's NHWC squeeze-excite gate
-    # already fits: the int8 encoder is quantised from the graph before the gate rewrite
-    # (2-7 % faster than from the rewritten one; docs/benchmarks.md).
+    # The int8 encoder is quantised from jax2onnx's graph as written. Its int8 convs run
+    # channels-last, where the NHWC squeeze-excite gate already fits (from the gate-rewritten
+    # graph: 1.08-1.23x the time); and once the Expands are gone onnxruntime also runs the SE
+    # blocks' residual Adds in int8 (24 QLinearAdd instead of 14), 5 % faster but rounded
+    # (mask DSC vs fp32 on the phantom cases 0.715 instead of 0.754; docs/benchmarks.md).
     int8_source = encoder_proto.SerializeToString() if int8 else None
-    rewrites["squeeze_excite_blocked"] = squeeze_excite_blocked(encoder_proto)
+    rewrites = {"broadcast_expands_dropped": drop_broadcast_expands(encoder_proto),
+                "squeeze_excite_blocked": squeeze_excite_blocked(encoder_proto)}
     log("exporting the prompt encoder + mask decoder")
     box_spec = jax.ShapeDtypeStruct(("N", 4), np.float32)
     decoder_proto = _to_onnx(decode, [(1, grid, grid, channels), box_spec], "prompt_decoder",
@@ -188,7 +190,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
 
             log("quantising the encoder to static per-channel int8")
             with tempfile.TemporaryDirectory() as scratch:
-                source = Path(scratch) / "encoder_before_gate_rewrite.onnx"
+                source = Path(scratch) / "encoder_as_jax2onnx_wrote_it.onnx"
                 source.write_bytes(int8_source)
                 meta["int8"] = quantize_encoder(tmp / "encoder.onnx", tmp / INT8_ENCODER,
                                                 calibration_images, tmp / "decoder.onnx", size,

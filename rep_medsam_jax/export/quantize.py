@@ -418,8 +418,8 @@ def quantize_encoder(fp32_path: Path, int8_path: Path, calibration_images: np.nd
     speed ratio and the mask agreement with fp32 (mean DSC on generated cases).
 
     source_path: the graph to quantise when it is not ``fp32_path`` itself (the exporter
-        quantises the encoder as jax2onnx wrote its squeeze-excite gates); ``fp32_path`` stays
-        the reference for speed and agreement.
+        quantises jax2onnx's graph before its layout rewrites); ``fp32_path`` stays the
+        reference for speed and agreement.
     """
     import onnxruntime as ort  # noqa: PLC0415
 
