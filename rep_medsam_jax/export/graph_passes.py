@@ -29,7 +29,8 @@ import numpy as np
 _BROADCASTING_BINARY_OPS = ("Add", "Sub", "Mul", "Div")
 
 
-def _consumers(graph) -> dict[str, list]:
+def tensor_readers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -67,7 +68,7 @@ def drop_broadcast_expands(model) -> int:
     Exact: ONNX's numpy-style broadcasting gives the same values the Expand made explicit.
     """
     graph = model.graph
-    consumers = _consumers(graph)
+    consumers = tensor_readers(graph)
     producers = _producers(graph)
     graph_outputs = {value.name for value in graph.output}
     removed = 0
@@ -195,7 +196,7 @@ def squeeze_excite_blocked(model) -> int:
     shapes = {}
     for value in onnx.shape_inference.infer_shapes(model).graph.value_info:
         shapes[value.name] = value.type.tensor_type.shape
-    consumers, producers = _consumers(graph), _producers(graph)
+    consumers, producers = tensor_readers(graph), _producers(graph)
 
     replacements: dict[int, list] = {}
     removed: set[int] = set()

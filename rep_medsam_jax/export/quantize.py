@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rep_medsam_jax.export.graph_passes import tensor_readers
 from rep_medsam_jax.preprocess import STUDENT_SIZE, preprocess_image
 
 PHANTOM_MODALITIES = ("CT", "MR", "Endoscopy", "Dermoscopy", "Microscopy")
@@ -182,14 +183,6 @@ class _Reader:
 
 # --------------------------------------------------------------------------- graph analysis
 
-def _consumers(graph) -> dict[str, list]:
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return consumers
-
-
 def _through_layout(tensor: str, consumers: dict) -> list[str]:
     """``tensor`` and the outputs of Transposes / Reshapes applied to it (layout changes)."""
     names = [tensor]
@@ -259,7 +252,7 @@ def sensitive_nodes(model) -> dict[str, list[str]]:
         (neck convs, both LayerNorms, the last conv): the embedding the decoder reads.
     """
     graph = model.graph
-    consumers = _consumers(graph)
+    consumers = tensor_readers(graph)
     convs = [n for n in graph.node if n.op_type == "Conv"]
     neck_convs = [n for n in convs
                   if any(_is_layernorm_input(t, consumers)
