@@ -27,19 +27,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rep_medsam_jax.export import graph_passes, onnx_export  # noqa: E402
-from rep_medsam_jax.model_dir import load_model_dir  # noqa: E402
 from rep_medsam_jax.predictor.onnx_backend import session_options  # noqa: E402
 
 
 def graphs(model_dir: str) -> dict:
-    import jax
-
-    config, variables = onnx_export.deploy_variables(*load_model_dir(model_dir))
-    variables = jax.tree_util.tree_map(np.asarray, variables)
-    encode, _ = onnx_export.model_functions(config, variables)
+    config, encode, _ = onnx_export.deployed_functions(model_dir)
     size = config.image_size
-    raw = onnx_export._to_onnx(encode, [("B", size, size, 3)], "image_encoder", ["images"],
-                               ["embeddings"])
+    raw = onnx_export.encoder_to_onnx(encode, size)
     no_expand = copy.deepcopy(raw)
     dropped = graph_passes.drop_broadcast_expands(no_expand)
     blocked = copy.deepcopy(no_expand)

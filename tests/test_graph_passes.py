@@ -26,17 +26,10 @@ def _run(model, feeds: dict) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def raw_tiny_encoder(tiny_model_dir):
     """jax2onnx's graph of the folded tiny encoder, before any rewrite."""
-    import jax
-
     from rep_medsam_jax.export import onnx_export
-    from rep_medsam_jax.model_dir import load_model_dir
 
-    config, variables = onnx_export.deploy_variables(*load_model_dir(tiny_model_dir))
-    variables = jax.tree_util.tree_map(np.asarray, variables)
-    encode, _ = onnx_export.model_functions(config, variables)
-    size = config.image_size
-    return onnx_export._to_onnx(encode, [("B", size, size, 3)], "image_encoder", ["images"],
-                                ["embeddings"])
+    config, encode, _ = onnx_export.deployed_functions(tiny_model_dir)
+    return onnx_export.encoder_to_onnx(encode, config.image_size)
 
 
 def test_rewrites_match_every_squeeze_excite_gate_and_keep_the_values(raw_tiny_encoder):

@@ -122,10 +122,9 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = False,
-                     calibration_images: np.ndarray | None = None, overwrite: bool = False,
-                     seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Export ``model_dir`` to ``out_dir``; returns the metadata written to export.json."""
+def deployed_functions(model_dir: str | Path) -> tuple[ModelConfig, Callable, Callable]:
+    """``(config, encode, decode)`` of a model directory as it is exported: encoder folded,
+    variables as NumPy arrays. Refuses a directory without an image encoder."""
     import jax  # noqa: PLC0415
 
     config, variables = load_model_dir(model_dir)
@@ -133,13 +132,28 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
         raise ValueError(f"{model_dir} has no image encoder (LiteMedSAM heads only): "
                          "nothing to export as a full model")
     config, variables = deploy_variables(config, variables)
-    variables = jax.tree_util.tree_map(np.asarray, variables)
-    encode, decode = model_functions(config, variables)
+    encode, decode = model_functions(config, jax.tree_util.tree_map(np.asarray, variables))
+    return config, encode, decode
+
+
+def encoder_to_onnx(encode: Callable, image_size: int):
+    """jax2onnx's graph of ``encode``: images (B, S, S, 3) -> embeddings, B symbolic; before
+    the layout rewrites of graph_passes.py."""
+    return _to_onnx(encode, [("B", image_size, image_size, 3)], "image_encoder", ["images"],
+                    ["embeddings"])
+
+
+def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = False,
+                     calibration_images: np.ndarray | None = None, overwrite: bool = False,
+                     seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Export ``model_dir`` to ``out_dir``; returns the metadata written to export.json."""
+    import jax  # noqa: PLC0415
+
+    config, encode, decode = deployed_functions(model_dir)
     size, grid, channels = config.image_size, config.embedding_size, config.decoder.embed_dim
 
     log("exporting the image encoder")
-    encoder_proto = _to_onnx(encode, [("B", size, size, 3)], "image_encoder", ["images"],
-                             ["embeddings"])
+    encoder_proto = encoder_to_onnx(encode, size)
     # The int8 encoder is quantised from jax2onnx's graph as written. Its int8 convs run
     # channels-last, where the NHWC squeeze-excite gate already fits (from the gate-rewritten
     # graph: 1.08-1.23x the time); and once the Expands are gone onnxruntime also runs the SE
