@@ -146,7 +146,8 @@ def main() -> None:
         raise SystemExit(f"profile has {len(profiled_convs)} Conv nodes, graph {len(convs)}")
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for conv, seconds in zip(convs, profiled_convs):
-        key = f"{conv['size']}x{conv['size']} {conv['kind']}"
+        key = (f"{conv['size']}x{conv['size']} {conv['kind']}" if conv["size"] > 1
+               else "squeeze-excite gates")
         groups[key][0] += seconds
         groups[key][1] += 2 * conv["macs"]
     print(f"  {'convolutions':22s} {'ms':>7s} {'GFLOP':>7s} {'GFLOP/s':>8s}")
