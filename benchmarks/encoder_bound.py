@@ -14,9 +14,9 @@ GFLOP/s, 96 % of 2 cores x 32 fp32 FLOP/cycle at 3.7 GHz). This script measures,
 3. the folded PyTorch reference encoder and decoder (1 box), as in benchmarks/predict.py;
 
 and prints the bound, at the best rate seen (a product, or a group of the encoder's own
-convolutions of at least 1 GFLOP), as a fraction of PyTorch's encoder, against issue 3's targets (fp32
-encoder at or below 0.55x PyTorch; 3D cases at or below 0.3x the reference pipeline, whose time
-per slice is at least PyTorch's encoder + one decoder call).
+convolutions of at least 1 GFLOP), as a fraction of PyTorch's encoder, against issue 3's
+targets (fp32 encoder at or below 0.55x PyTorch; 3D cases at or below 0.3x the reference
+pipeline, whose time per slice is at least PyTorch's encoder + one decoder call).
 
     python benchmarks/encoder_bound.py [--workdir work_dirs/bench_predict] [--repeats 10]
 """
@@ -63,7 +63,7 @@ def conv_macs(encoder_path: Path) -> list[dict]:
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
         _, _, height, width = shapes[node.output[0]]
         kind = "depthwise" if groups > 1 else f"{kh}x{kw}"
-        convs.append({"kind": kind, "size": height,
+        convs.append({"kind": kind, "size": height, "weight": [out_channels, in_per_group, kh, kw],
                       "macs": out_channels * in_per_group * kh * kw * height * width})
     return convs
 
@@ -85,14 +85,16 @@ def product_rates(repeats: int) -> dict:
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
             s = ort.InferenceSession(model.SerializeToString(), session_options())
             x = rng.standard_normal((m, k), dtype=np.float32)
-            out[f"{{m}}x{{k}}x{{n}}"] = 2 * m * k * n / median(lambda: s.run(None, {{"x": x}})) / 1e9
+            seconds = median(lambda: s.run(None, {{"x": x}}))
+            out[f"{{m}}x{{k}}x{{n}}"] = 2 * m * k * n / seconds / 1e9
         print(json.dumps(out))
     """, repeats)
 
 
 def profile_encoder(encoder_path: Path, repeats: int, profile_dir: str) -> dict:
-    """The encoder's median latency, and its mean time per Conv node (graph order of the
-    optimised model) and in all other nodes, from onnxruntime's profiler (fresh process)."""
+    """The encoder's median latency, and from onnxruntime's profiler (fresh process) the mean
+    time of each Conv node with its weight's shape (graph order of the optimised model) and
+    of all other nodes together."""
     return _python(f"""
         import collections, json, numpy as np, onnx, onnxruntime as ort
         from rep_medsam_jax.predictor.onnx_backend import session_options
@@ -104,8 +106,7 @@ def profile_encoder(encoder_path: Path, repeats: int, profile_dir: str) -> dict:
         options.profile_file_prefix = "{profile_dir}/encoder"
         options.optimized_model_filepath = "{profile_dir}/optimised.onnx"
         s = ort.InferenceSession("{encoder_path}", options)
-        runs = REPEATS
-        for _ in range(runs + 1):
+        for _ in range(REPEATS + 1):
             s.run(None, {{"images": x}})
         events = json.load(open(s.end_profiling()))
         total, ops, count = collections.Counter(), {{}}, collections.Counter()
@@ -113,9 +114,11 @@ def profile_encoder(encoder_path: Path, repeats: int, profile_dir: str) -> dict:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
                 name = e["name"][:-len("_kernel_time")]
                 total[name] += e["dur"]; ops[name] = e["args"]["op_name"]; count[name] += 1
-        order = [n.name for n in onnx.load("{profile_dir}/optimised.onnx").graph.node]
+        optimised = onnx.load("{profile_dir}/optimised.onnx").graph
+        weights = {{w.name: list(w.dims) for w in optimised.initializer}}
         mean = {{n: total[n] / count[n] / 1e6 for n in total}}     # seconds per run
-        convs = [mean[n] for n in order if n in mean and ops[n] == "Conv"]
+        convs = [{{"seconds": mean[n.name], "weight": weights.get(n.input[1])}}
+                 for n in optimised.node if n.name in mean and ops[n.name] == "Conv"]
         other = sum(v for n, v in mean.items() if ops[n] != "Conv")
         print(json.dumps({{"latency": latency, "convs": convs, "other": other}}))
     """.replace("REPEATS", str(repeats)), repeats)
@@ -144,16 +147,23 @@ def main() -> None:
     profiled_convs = ours["convs"]
     if len(profiled_convs) != len(convs):
         raise SystemExit(f"profile has {len(profiled_convs)} Conv nodes, graph {len(convs)}")
+    # Pair them in graph order, checked by shape: the blocked layout pads the output channels
+    # to its block (at most 16) and keeps the kernel.
+    for conv, profiled in zip(convs, profiled_convs):
+        padded = profiled["weight"]
+        if (padded is None or padded[2:] != conv["weight"][2:]
+                or not 0 <= padded[0] - conv["weight"][0] < 16):
+            raise SystemExit(f"profiled conv weight {padded} does not pair with {conv['weight']}")
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-    for conv, seconds in zip(convs, profiled_convs):
+    for conv, profiled in zip(convs, profiled_convs):
         key = (f"{conv['size']}x{conv['size']} {conv['kind']}" if conv["size"] > 1
                else "squeeze-excite gates")
-        groups[key][0] += seconds
+        groups[key][0] += profiled["seconds"]
         groups[key][1] += 2 * conv["macs"]
     print(f"  {'convolutions':22s} {'ms':>7s} {'GFLOP':>7s} {'GFLOP/s':>8s}")
     for key, (seconds, flops) in groups.items():
         print(f"  {key:22s} {seconds * 1e3:7.1f} {flops / 1e9:7.2f} {flops / seconds / 1e9:8.1f}")
-    conv_time = sum(profiled_convs)
+    conv_time = sum(p["seconds"] for p in profiled_convs)
     print(f"  {'all convolutions':22s} {conv_time * 1e3:7.1f} {conv_flops / 1e9:7.2f} "
           f"{conv_flops / conv_time / 1e9:8.1f}")
     print(f"  other operators        {ours['other'] * 1e3:7.1f}")
