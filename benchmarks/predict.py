@@ -221,7 +221,8 @@ def main() -> None:
         for which in (("ours", "ref") if round_index % 2 == 0 else ("ref", "ours")):
             rounds[which].append(micro_onnx(paths["export"], args.repeats) if which == "ours"
                                  else micro_torch(paths["checkpoint"], args.repeats))
-    ours, ref = ({key: float(np.median([r[key] for r in rounds[which]])) for key in rounds[which][0]}
+    ours, ref = ({key: float(np.median([r[key] for r in rounds[which]]))
+                  for key in rounds[which][0]}
                  for which in ("ours", "ref"))
 
     def micro_ratio(our_key: str, ref_key: str) -> float:

@@ -177,7 +177,8 @@ def test_quantize_encoder_reports_agreement_speed_and_recipe(tiny_export_dir, ca
     assert meta["calibration_images"] == 2 and meta["agreement_cases"] == 2
     assert meta["calibration_method"] == q.DEFAULT_RECIPE.calibration
     assert meta["recipe"]["keep_float"] == list(q.DEFAULT_RECIPE.keep_float)
-    assert set(meta["float_nodes"]) == set(q.DEFAULT_RECIPE.keep_float) and meta["float_nodes"]["se"]
+    assert set(meta["float_nodes"]) == set(q.DEFAULT_RECIPE.keep_float)
+    assert meta["float_nodes"]["se"]
     assert 0.0 <= meta["mask_dsc_int8_vs_fp32"] <= 1.0
     assert meta["speed_ratio_int8_over_fp32"] == pytest.approx(
         meta["latency_int8_s"] / meta["latency_fp32_s"])

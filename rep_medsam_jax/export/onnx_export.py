@@ -9,8 +9,9 @@ Export directory::
       export.json         variant, preprocessing constants, versions, checksums, verification
 
 B and N are symbolic. The encoder graph gets value-preserving rewrites that keep onnxruntime in
-its blocked conv layout (graph_passes.py). Every model is run in onnxruntime against JAX on random inputs before
-anything is written; an error above the tolerance fails the export with the figures.
+its blocked conv layout (graph_passes.py). Every model is run in onnxruntime against JAX on
+random inputs before anything is written; an error above the tolerance fails the export with
+the figures.
 """
 
 from __future__ import annotations

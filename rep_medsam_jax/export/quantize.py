@@ -96,9 +96,9 @@ class Int8Recipe:
 # Measured on random full-size weights and on the trained demo model (docs/benchmarks.md):
 # Conv-only with 99.99-percentile ranges had the smallest embedding error of the recipes first
 # tried (then with the stem conv and the neck float). With the stem and neck convolutions int8
-# too: full size 0.84x the time (172 vs 207 ms), embedding error 4.75 %
-# instead of 4.49 %, phantom mask DSC vs fp32 0.752 vs 0.754; trained demo model (24 cases) DSC
-# 0.921 vs 0.917, embedding error 3.35 % vs 3.17 %. The SE gates stay float: they were Gemms
+# too: full size 0.84x the time (172 vs 207 ms), embedding error 4.75 % instead of 4.49 %,
+# phantom mask DSC vs fp32 0.752 vs 0.754; trained demo model (24 cases) DSC 0.921 vs 0.917,
+# embedding error 3.35 % vs 3.17 %. The SE gates stay float: they were Gemms
 # once (never quantised as Conv-only); the exporter now writes them as 1x1 convs on a pooled
 # vector, kept float by name.
 DEFAULT_RECIPE = Int8Recipe()
