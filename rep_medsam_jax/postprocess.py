@@ -68,11 +68,89 @@ def _reach(lower: np.ndarray, upper: np.ndarray, first: int, last: int) -> slice
                  int(np.searchsorted(lower, last, side="right")))
 
 
+Neighbours = tuple[np.ndarray, np.ndarray, np.ndarray]   # from _linear_source_indices
+
+
+def _positive_window(logits: np.ndarray, rows: Neighbours, cols: Neighbours
+                     ) -> tuple[slice, slice] | None:
+    """The output rows and columns whose blend can be > 0: an output pixel blends its source
+    neighbours with weights >= 0, so it is > 0 only if one of them is. (h, w) logits -> the
+    window reached by the bounding box of the positive logits, or None if there are none."""
+    positive = logits > 0
+    hit_rows = np.flatnonzero(positive.any(axis=1))
+    if hit_rows.size == 0:
+        return None
+    hit_cols = np.flatnonzero(positive.any(axis=0))
+    return (_reach(rows[0], rows[1], hit_rows[0], hit_rows[-1]),
+            _reach(cols[0], cols[1], hit_cols[0], hit_cols[-1]))
+
+
+# Output rows blended per step: the step's float32 temporaries (ROW_BLOCK x W) are made once
+# per mask and stay in the cache, where a whole-window blend allocated and faulted in several
+# (H x W) float32 arrays per mask (1536 x 2040: 12.5 MB each). 19 masks of 1536 x 2040: 8 rows
+# 0.23 s, 16 0.15 s, 32 0.11 s, 64-512 0.09-0.10 s (whole-window blends: 0.26-0.33 s).
+ROW_BLOCK = 64
+
+
+def _paint_where_positive(target: np.ndarray, logits: np.ndarray, rows: Neighbours,
+                          cols: Neighbours, window: tuple[slice, slice], value,
+                          row_span: range) -> None:
+    """target[i, j] = value wherever the bilinear blend of ``logits`` at output (i, j) is > 0,
+    for the output rows i in ``row_span`` and the (row, column) ``window``.
+
+    target: (H, W), the whole output frame; logits: (h, w) float32; rows, cols: the source
+    neighbours of every output row and column (h -> H, w -> W). The blend is ``_blend``'s,
+    operation for operation (same float32 roundings), one block of rows at a time.
+    """
+    first = max(window[0].start, row_span.start)
+    stop = min(window[0].stop, row_span.stop)
+    col_window = window[1]
+    if first >= stop or col_window.start >= col_window.stop:
+        return
+    row_lo, row_hi, row_weight = (a[first:stop] for a in rows)
+    col_lo, col_hi, col_weight = (a[col_window] for a in cols)
+    base = int(row_lo[0])
+    band = logits[base:int(row_hi[-1]) + 1]            # the source rows these outputs read
+    columns = (np.take(band, col_lo, axis=1) * (np.float32(1.0) - col_weight)
+               + np.take(band, col_hi, axis=1) * col_weight)
+    row_lo, row_hi = row_lo - base, row_hi - base
+    lower_weight = (np.float32(1.0) - row_weight)[:, None]
+    upper_weight = row_weight[:, None]
+    block = min(ROW_BLOCK, stop - first)
+    lower = np.empty((block, columns.shape[1]), np.float32)
+    upper = np.empty_like(lower)
+    positive = np.empty(lower.shape, bool)
+    value = np.asarray(value, dtype=target.dtype)
+    for start in range(0, stop - first, block):
+        end = min(start + block, stop - first)
+        n = end - start
+        # mode="clip": the indices are in range, and "raise" would buffer the output.
+        np.take(columns, row_lo[start:end], axis=0, out=lower[:n], mode="clip")
+        np.multiply(lower[:n], lower_weight[start:end], out=lower[:n])
+        np.take(columns, row_hi[start:end], axis=0, out=upper[:n], mode="clip")
+        np.multiply(upper[:n], upper_weight[start:end], out=upper[:n])
+        np.add(lower[:n], upper[:n], out=lower[:n])
+        np.greater(lower[:n], np.float32(0.0), out=positive[:n])
+        np.copyto(target[first + start:first + end, col_window], value, where=positive[:n])
+
+
 # Below this many output pixels in all (masks x H x W) the masks are resized in the calling
 # thread; above it, on every core: NumPy releases the GIL in the gathers and blends, and the
-# cores are otherwise idle between two decoder calls (19 masks of 1536 x 2040: 0.45 s -> see
-# docs/benchmarks.md).
+# cores are otherwise idle between two decoder calls (docs/benchmarks.md).
 PARALLEL_MIN_PIXELS = 1 << 22
+
+
+def _workers(requested: int | None, pixels: int) -> int:
+    if requested is None:
+        return (os.cpu_count() or 1) if pixels >= PARALLEL_MIN_PIXELS else 1
+    return max(1, requested)
+
+
+def _crop(low_res_logits: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+    low_res_logits = np.asarray(low_res_logits)
+    if low_res_logits.ndim != 3:
+        raise ValueError(f"expected (N, 256, 256) logits, got shape {low_res_logits.shape}")
+    return np.ascontiguousarray(low_res_logits[:, :new_hw[0], :new_hw[1]], dtype=np.float32)
 
 
 def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
@@ -83,37 +161,24 @@ def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
     original_hw: (H, W) of the original image or slice;
     workers: threads resizing masks side by side (None: every core for large outputs, else 1).
 
-    Equal to ``resize_bilinear(cropped, original_hw) > 0``, but computed only where it can be
-    true: an output pixel blends its source neighbours with weights >= 0, so it is > 0 only if
-    one of them is. Each mask is resized inside the output window reached by the bounding box
-    of its positive logits, with the whole image's indices and weights, so the values there are
-    the same; an object is usually a small part of a large image (19 cells on a 1536 x 2040
-    micrograph: 1.5 s of resizing became a few hundredths).
+    Equal to ``resize_bilinear(cropped, original_hw) > 0``, but computed only inside the window
+    of each mask that can be positive (``_positive_window``), with the whole image's indices and
+    weights, so the values there are the same; an object is usually a small part of a large
+    image (19 cells on a 1536 x 2040 micrograph: 1.5 s of resizing became a few hundredths).
     """
-    low_res_logits = np.asarray(low_res_logits)
-    if low_res_logits.ndim != 3:
-        raise ValueError(f"expected (N, 256, 256) logits, got shape {low_res_logits.shape}")
-    newh, neww = new_hw
-    cropped = np.asarray(low_res_logits[:, :newh, :neww], dtype=np.float32)
-    rows = _linear_source_indices(newh, original_hw[0])
-    cols = _linear_source_indices(neww, original_hw[1])
+    cropped = _crop(low_res_logits, new_hw)
+    rows = _linear_source_indices(new_hw[0], original_hw[0])
+    cols = _linear_source_indices(new_hw[1], original_hw[1])
     masks = np.zeros((len(cropped), *original_hw), bool)
+    every_row = range(original_hw[0])
 
     def resize_one(index: int) -> None:
-        logits = cropped[index]
-        positive = logits > 0
-        hit_rows = np.flatnonzero(positive.any(axis=1))
-        if hit_rows.size == 0:
-            return
-        hit_cols = np.flatnonzero(positive.any(axis=0))
-        row_window = _reach(rows[0], rows[1], hit_rows[0], hit_rows[-1])
-        col_window = _reach(cols[0], cols[1], hit_cols[0], hit_cols[-1])
-        masks[index, row_window, col_window] = _blend(
-            logits, tuple(a[row_window] for a in rows), tuple(a[col_window] for a in cols)) > 0
+        window = _positive_window(cropped[index], rows, cols)
+        if window is not None:
+            _paint_where_positive(masks[index], cropped[index], rows, cols, window, True,
+                                  every_row)
 
-    if workers is None:
-        workers = (os.cpu_count() or 1) if masks.size >= PARALLEL_MIN_PIXELS else 1
-    workers = max(1, min(workers, len(cropped)))
+    workers = min(_workers(workers, masks.size), max(1, len(cropped)))
     if workers == 1:
         for index in range(len(cropped)):
             resize_one(index)
@@ -122,6 +187,45 @@ def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(resize_one, range(len(cropped))))
     return masks
+
+
+def paint_logits(target: np.ndarray, low_res_logits: np.ndarray, labels: Sequence[int],
+                 new_hw: tuple[int, int], workers: int | None = None) -> None:
+    """Paint N boxes' masks into the label map ``target`` (H, W), in place, box after box.
+
+    Box k's mask is ``logits_to_mask``'s (the same pixels), painted with labels[k]; later boxes
+    overwrite earlier ones where masks overlap, as in the reference. Equal to painting
+    ``paint_labels(logits_to_mask(...))`` over ``target`` without making the (N, H, W) masks:
+    threads take bands of rows, and each paints every box in order within its band.
+    """
+    cropped = _crop(low_res_logits, new_hw)
+    labels = [int(label) for label in labels]
+    if len(labels) != len(cropped):
+        raise ValueError(f"{len(cropped)} masks but {len(labels)} labels")
+    if labels and max(labels) > np.iinfo(target.dtype).max:
+        raise ValueError(f"label {max(labels)} does not fit in {target.dtype}")
+    height, width = target.shape
+    rows = _linear_source_indices(new_hw[0], height)
+    cols = _linear_source_indices(new_hw[1], width)
+    windows = [_positive_window(logits, rows, cols) for logits in cropped]
+    painted = [(logits, window, label)
+               for logits, window, label in zip(cropped, windows, labels) if window is not None]
+    workers = _workers(workers, len(painted) * target.size)
+    # A few bands per thread even out masks of different sizes.
+    bands = np.array_split(np.arange(height), min(height, workers * 4)) if workers > 1 else [
+        np.arange(height)]
+
+    def paint_band(band: np.ndarray) -> None:
+        span = range(int(band[0]), int(band[-1]) + 1)
+        for logits, window, label in painted:
+            _paint_where_positive(target, logits, rows, cols, window, label, span)
+
+    if workers == 1:
+        paint_band(bands[0])
+    else:
+        # Bands are disjoint rows: no two threads touch the same memory.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(paint_band, [b for b in bands if b.size]))
 
 
 def label_dtype(max_label: int) -> np.dtype:

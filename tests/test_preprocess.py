@@ -237,3 +237,37 @@ def test_logits_to_mask_windows_equal_the_whole_image_resize():
         # Masks resized on several threads: each writes its own mask, the same values.
         threaded = postprocess.logits_to_mask(logits, new_hw, original_hw, workers=3)
         np.testing.assert_array_equal(threaded, whole, err_msg=str((new_hw, original_hw)))
+
+
+def test_paint_logits_equals_painting_the_resized_masks():
+    """paint_logits paints each box's resized mask into the label map without making the masks,
+    in row bands on several threads: it must equal paint_labels over the whole-image resizes
+    thresholded (overlaps: the later box wins), for any number of threads and row blocks."""
+    rng = np.random.default_rng(11)
+    new_hw, original_hw = (193, 256), (700, 930)
+    newh, neww = new_hw
+    logits = rng.normal(-1, 2, (6, 256, 256)).astype(np.float32)    # overlapping scattered masks
+    logits[1] = -5.0                                                  # an empty mask
+    logits[2] = -5.0
+    logits[2, 40:120, 30:200] = 4.0                                   # a large block over others
+    logits[5, newh - 1, neww - 1] = 0.3                               # the far corner only
+    whole = postprocess.resize_bilinear(logits[:, :newh, :neww], original_hw) > 0
+    labels = [3, 7, 300, 1, 2, 9]                                    # any order, past uint8
+    expected = postprocess.paint_labels(whole, labels, original_hw, dtype=np.uint16)
+    for workers, row_block in [(1, 64), (2, 64), (3, 7), (5, 1000)]:
+        old_block = postprocess.ROW_BLOCK
+        postprocess.ROW_BLOCK = row_block
+        try:
+            target = np.full(original_hw, 65535, np.uint16)        # painted over, not cleared
+            target[:, :100] = 0
+            postprocess.paint_logits(target, logits, labels, new_hw, workers=workers)
+        finally:
+            postprocess.ROW_BLOCK = old_block
+        background = np.where(np.arange(original_hw[1]) < 100, 0, 65535).astype(np.uint16)
+        np.testing.assert_array_equal(target, np.where(whole.any(0), expected, background),
+                                      err_msg=str((workers, row_block)))
+    assert (expected == 300).any() and (expected == 9).any()
+    with pytest.raises(ValueError, match="does not fit"):
+        postprocess.paint_logits(np.zeros(original_hw, np.uint8), logits, labels, new_hw)
+    with pytest.raises(ValueError, match="labels"):
+        postprocess.paint_logits(np.zeros(original_hw, np.uint16), logits, labels[:2], new_hw)

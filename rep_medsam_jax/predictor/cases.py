@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rep_medsam_jax.postprocess import logits_to_mask, paint_labels
+from rep_medsam_jax.postprocess import label_dtype, logits_to_mask, paint_logits
 from rep_medsam_jax.predictor.backend import Backend
 from rep_medsam_jax.preprocess import (get_bbox256, preprocess_image, resize_longest_side,
                                        scale_boxes_to_256)
@@ -46,8 +46,12 @@ def predict_2d(backend: Backend, image: np.ndarray, boxes: np.ndarray) -> np.nda
     embedding = backend.encode(tensor[None])
     boxes256 = scale_boxes_to_256(np.asarray(boxes)[:, :4], (height, width), size)
     boxes256 = boxes256.astype(np.float32)
-    masks = _decode_boxes(backend, embedding, boxes256, new_hw, (height, width))
-    return paint_labels(masks, np.arange(1, len(boxes256) + 1), (height, width))
+    segs = np.zeros((height, width), label_dtype(len(boxes256)))
+    for start in range(0, len(boxes256), DECODE_CHUNK):
+        logits, _ = backend.decode(embedding, boxes256[start:start + DECODE_CHUNK])
+        # Painted chunk after chunk, box after box: later boxes win, as in the reference.
+        paint_logits(segs, logits, range(start + 1, start + 1 + len(logits)), new_hw)
+    return segs
 
 
 def _decode_boxes(backend: Backend, embedding: np.ndarray, prompts: np.ndarray,
