@@ -9,7 +9,8 @@ Export directory::
       export.json         variant, preprocessing constants, versions, checksums, verification
 
 B and N are symbolic. The encoder graph gets value-preserving rewrites that keep onnxruntime in
-its blocked conv layout (graph_passes.py). Every model is run in onnxruntime against JAX on
+its blocked conv layout, and the decoder's LayerNorms become single LayerNormalization nodes
+(graph_passes.py). Every model is run in onnxruntime against JAX on
 random inputs before anything is written; an error above the tolerance fails the export with
 the figures.
 """
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rep_medsam_jax.export.graph_passes import drop_broadcast_expands, squeeze_excite_blocked
+from rep_medsam_jax.export.graph_passes import (drop_broadcast_expands, fuse_layer_norms,
+                                                 squeeze_excite_blocked)
 from rep_medsam_jax.model_dir import atomic_directory, load_model_dir
 from rep_medsam_jax.models.config import ModelConfig
 from rep_medsam_jax.predictor.backend import INT8_ENCODER   # the file predict --int8 opens
@@ -167,6 +169,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
     box_spec = jax.ShapeDtypeStruct(("N", 4), np.float32)
     decoder_proto = _to_onnx(decode, [(1, grid, grid, channels), box_spec], "prompt_decoder",
                              ["embedding", "boxes"], ["low_res_logits", "iou"])
+    decoder_rewrites = {"layer_norms_fused": fuse_layer_norms(decoder_proto)}
 
     rng = np.random.default_rng(seed)
     images = rng.random((2, size, size, 3), dtype=np.float32)
@@ -194,7 +197,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
                           "pad": "zeros bottom/right", "boxes": "x * image_size / max(H, W), "
                           "truncated"},
         "verification": {"max_abs_error": errors, "tolerance": TOLERANCE},
-        "encoder_graph_rewrites": rewrites,
+        "encoder_graph_rewrites": rewrites, "decoder_graph_rewrites": decoder_rewrites,
         "versions": _versions(), "opset": OPSET, "default_encoder": "encoder.onnx",
     }
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
