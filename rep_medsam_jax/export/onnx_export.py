@@ -125,17 +125,23 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def deployed_functions(model_dir: str | Path) -> tuple[ModelConfig, Callable, Callable]:
-    """``(config, encode, decode)`` of a model directory as it is exported: encoder folded,
-    variables as NumPy arrays. Refuses a directory without an image encoder."""
+def deployed_model(model_dir: str | Path) -> tuple[ModelConfig, dict]:
+    """``(config, variables)`` of a model directory as it is exported and predicted with:
+    encoder folded, variables as NumPy arrays. Refuses a directory without an image encoder."""
     import jax  # noqa: PLC0415
 
     config, variables = load_model_dir(model_dir)
     if config.encoder == "none":
         raise ValueError(f"{model_dir} has no image encoder (LiteMedSAM heads only): "
-                         "nothing to export as a full model")
+                         "nothing to run as a full model")
     config, variables = deploy_variables(config, variables)
-    encode, decode = model_functions(config, jax.tree_util.tree_map(np.asarray, variables))
+    return config, jax.tree_util.tree_map(np.asarray, variables)
+
+
+def deployed_functions(model_dir: str | Path) -> tuple[ModelConfig, Callable, Callable]:
+    """``(config, encode, decode)`` of :func:`deployed_model`."""
+    config, variables = deployed_model(model_dir)
+    encode, decode = model_functions(config, variables)
     return config, encode, decode
 
 

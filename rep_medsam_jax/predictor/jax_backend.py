@@ -16,16 +16,11 @@ class JaxBackend:
     def __init__(self, model_dir: str | os.PathLike):
         import jax  # noqa: PLC0415
 
-        from rep_medsam_jax.export.onnx_export import (deploy_variables,  # noqa: PLC0415
+        from rep_medsam_jax.export.onnx_export import (deployed_model,  # noqa: PLC0415
                                                        model_functions)
-        from rep_medsam_jax.model_dir import load_model_dir  # noqa: PLC0415
 
-        config, variables = load_model_dir(model_dir)
-        if config.encoder == "none":
-            raise ValueError(f"{model_dir} has no image encoder (LiteMedSAM heads only)")
-        config, variables = deploy_variables(config, variables)
-        variables = jax.device_put(jax.tree_util.tree_map(np.asarray, variables))
-        encode, decode = model_functions(config, variables)
+        config, variables = deployed_model(model_dir)
+        encode, decode = model_functions(config, jax.device_put(variables))
         self.config = config
         self.image_size = config.image_size
         self._encode = jax.jit(encode)
