@@ -34,8 +34,18 @@ def _linear_source_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.
     return lower, upper, (source - lower).astype(np.float32)
 
 
-def _blend(images: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]
-           ) -> np.ndarray:
+Neighbours = tuple[np.ndarray, np.ndarray, np.ndarray]   # from _linear_source_indices
+
+
+def _blend_columns(images: np.ndarray, cols: Neighbours) -> np.ndarray:
+    """The width half of the blend: images (..., w) float32 -> (..., len(cols[0])) float32."""
+    col_lo, col_hi, col_weight = cols
+    # np.take is markedly faster than fancy indexing for these gathers.
+    return (np.take(images, col_lo, axis=-1) * (np.float32(1.0) - col_weight)
+            + np.take(images, col_hi, axis=-1) * col_weight)
+
+
+def _blend(images: np.ndarray, rows: Neighbours, cols: Neighbours) -> np.ndarray:
     """The bilinear blend at the given source indices: images (N, h, w) float32, rows and cols
     (lower, upper, upper weight) from ``_linear_source_indices`` (or slices of them)
     -> (N, len(rows[0]), len(cols[0])) float32.
@@ -45,10 +55,7 @@ def _blend(images: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np.ndar
     blend in float32.
     """
     row_lo, row_hi, row_weight = rows
-    col_lo, col_hi, col_weight = cols
-    # np.take is markedly faster than fancy indexing for these gathers.
-    columns = (np.take(images, col_lo, axis=-1) * (np.float32(1.0) - col_weight)
-               + np.take(images, col_hi, axis=-1) * col_weight)
+    columns = _blend_columns(images, cols)
     row_weight = row_weight[:, None]
     return (np.take(columns, row_lo, axis=-2) * (np.float32(1.0) - row_weight)
             + np.take(columns, row_hi, axis=-2) * row_weight)
@@ -66,9 +73,6 @@ def _reach(lower: np.ndarray, upper: np.ndarray, first: int, last: int) -> slice
     neighbours of each output index) never decrease, so those indices are one range."""
     return slice(int(np.searchsorted(upper, first, side="left")),
                  int(np.searchsorted(lower, last, side="right")))
-
-
-Neighbours = tuple[np.ndarray, np.ndarray, np.ndarray]   # from _linear_source_indices
 
 
 def _positive_window(logits: np.ndarray, rows: Neighbours, cols: Neighbours
@@ -108,11 +112,9 @@ def _paint_where_positive(target: np.ndarray, logits: np.ndarray, rows: Neighbou
     if first >= stop or col_window.start >= col_window.stop:
         return
     row_lo, row_hi, row_weight = (a[first:stop] for a in rows)
-    col_lo, col_hi, col_weight = (a[col_window] for a in cols)
     base = int(row_lo[0])
     band = logits[base:int(row_hi[-1]) + 1]            # the source rows these outputs read
-    columns = (np.take(band, col_lo, axis=1) * (np.float32(1.0) - col_weight)
-               + np.take(band, col_hi, axis=1) * col_weight)
+    columns = _blend_columns(band, tuple(a[col_window] for a in cols))
     row_lo, row_hi = row_lo - base, row_hi - base
     lower_weight = (np.float32(1.0) - row_weight)[:, None]
     upper_weight = row_weight[:, None]
@@ -211,21 +213,20 @@ def paint_logits(target: np.ndarray, low_res_logits: np.ndarray, labels: Sequenc
     painted = [(logits, window, label)
                for logits, window, label in zip(cropped, windows, labels) if window is not None]
     workers = _workers(workers, len(painted) * target.size)
-    # A few bands per thread even out masks of different sizes.
-    bands = np.array_split(np.arange(height), min(height, workers * 4)) if workers > 1 else [
-        np.arange(height)]
 
-    def paint_band(band: np.ndarray) -> None:
-        span = range(int(band[0]), int(band[-1]) + 1)
+    def paint_band(span: range) -> None:
         for logits, window, label in painted:
             _paint_where_positive(target, logits, rows, cols, window, label, span)
 
     if workers == 1:
-        paint_band(bands[0])
-    else:
-        # Bands are disjoint rows: no two threads touch the same memory.
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(paint_band, [b for b in bands if b.size]))
+        paint_band(range(height))
+        return
+    # A few bands per thread even out masks of different sizes. Bands are disjoint rows: no
+    # two threads touch the same memory.
+    bounds = np.linspace(0, height, workers * 4 + 1).astype(int)
+    bands = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(paint_band, bands))
 
 
 def label_dtype(max_label: int) -> np.dtype:
