@@ -35,10 +35,10 @@ _BROADCASTING_BINARY_OPS = ("Add", "Sub", "Mul", "Div")
 
 
 def tensor_readers(graph) -> dict[str, list]:
-    """Tensor name -> the nodes that read it."""
+    """Tensor name -> the nodes that read it, each once (``Mul(c, c)`` is one reader of c)."""
     consumers: dict[str, list] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in dict.fromkeys(node.input):
             consumers.setdefault(name, []).append(node)
     return consumers
 
@@ -64,6 +64,21 @@ def _remove_unused_initializers(graph) -> None:
     unused = [init for init in graph.initializer if init.name not in used]
     for init in unused:
         graph.initializer.remove(init)
+
+
+def _splice(graph, replacements: dict[int, list], removed: set[int]) -> None:
+    """Rebuild the node list: each node whose id is in ``replacements`` gives way to its list
+    of new nodes, nodes in ``removed`` go; then drop what no longer feeds anything."""
+    nodes = []
+    for node in graph.node:
+        if id(node) in replacements:
+            nodes.extend(replacements[id(node)])
+        elif id(node) not in removed:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _remove_dead_nodes(graph)
+    _remove_unused_initializers(graph)
 
 
 def drop_broadcast_expands(model) -> int:
@@ -250,24 +265,9 @@ def squeeze_excite_blocked(model) -> int:
                                                              dims))
     if not replacements:
         return 0
-    nodes = []
-    for node in graph.node:
-        if id(node) in replacements:
-            nodes.extend(replacements[id(node)])
-        elif id(node) not in removed:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _splice(graph, replacements, removed)
     graph.value_info.extend(annotations)
-    _remove_dead_nodes(graph)
-    _remove_unused_initializers(graph)
     return len(replacements)
-
-
-def _sole_reader(consumers: dict, name: str, op_type: str):
-    """The one node reading ``name`` (however many of its inputs do), if it is an op_type."""
-    readers = list({id(node): node for node in consumers.get(name, [])}.values())
-    return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
 
 
 def _other_input(node, name: str) -> str | None:
@@ -297,30 +297,30 @@ def _match_layer_norm(graph, mean, consumers) -> dict | None:
     if axes is None or len(axes) != 1 or _attribute(mean, "keepdims", 1) != 1:
         return None
     x = mean.input[0]
-    sub = _sole_reader(consumers, mean.output[0], "Sub")
+    sub = _only_consumer(consumers, mean.output[0], "Sub")
     if sub is None or list(sub.input) != [x, mean.output[0]]:
         return None
     centered = sub.output[0]
-    readers = list({id(node): node for node in consumers.get(centered, [])}.values())
+    readers = consumers.get(centered, [])
     squares = [node for node in readers if list(node.input) == [centered, centered]]
     if len(readers) != 2 or len(squares) != 1 or any(n.op_type != "Mul" for n in readers):
         return None
     square = squares[0]
     scaled = readers[0] if readers[1] is square else readers[1]
-    variance = _sole_reader(consumers, square.output[0], "ReduceMean")
+    variance = _only_consumer(consumers, square.output[0], "ReduceMean")
     if variance is None or _reduced_axes(graph, variance) != axes:
         return None
-    add_eps = _sole_reader(consumers, variance.output[0], "Add")
+    add_eps = _only_consumer(consumers, variance.output[0], "Add")
     eps = add_eps and _constant(graph, _other_input(add_eps, variance.output[0]) or "")
-    sqrt = add_eps and _sole_reader(consumers, add_eps.output[0], "Sqrt")
-    div = sqrt and _sole_reader(consumers, sqrt.output[0], "Div")
+    sqrt = add_eps and _only_consumer(consumers, add_eps.output[0], "Sqrt")
+    div = sqrt and _only_consumer(consumers, sqrt.output[0], "Div")
     if div is None or eps is None or eps.size != 1 or list(div.input[1:]) != [sqrt.output[0]]:
         return None
     one = _constant(graph, div.input[0])
     if one is None or one.size != 1 or float(one) != 1.0:
         return None
     inverse = div.output[0]
-    times_scale = _sole_reader(consumers, inverse, "Mul")
+    times_scale = _only_consumer(consumers, inverse, "Mul")
     if times_scale is not None and times_scale is not scaled:      # c * (r * scale)
         scale_name = _other_input(times_scale, inverse)
         if _other_input(scaled, centered) != times_scale.output[0]:
@@ -329,9 +329,9 @@ def _match_layer_norm(graph, mean, consumers) -> dict | None:
     else:                                                          # (c * r) * scale
         if _other_input(scaled, centered) != inverse:
             return None
-        last_mul = _sole_reader(consumers, scaled.output[0], "Mul")
+        last_mul = _only_consumer(consumers, scaled.output[0], "Mul")
         scale_name = last_mul and _other_input(last_mul, scaled.output[0])
-    add_bias = last_mul and _sole_reader(consumers, last_mul.output[0], "Add")
+    add_bias = last_mul and _only_consumer(consumers, last_mul.output[0], "Add")
     bias_name = add_bias and _other_input(add_bias, last_mul.output[0])
     scale = _constant(graph, scale_name or "")
     bias = _constant(graph, bias_name or "")
@@ -364,7 +364,7 @@ def fuse_layer_norms(model) -> int:
     graph = model.graph
     consumers = tensor_readers(graph)
     graph_outputs = {value.name for value in graph.output}
-    replacements: dict[int, object] = {}
+    replacements: dict[int, list] = {}
     removed: set[int] = set()
     for node in graph.node:
         if node.op_type != "ReduceMean" or id(node) in removed:
@@ -379,16 +379,11 @@ def fuse_layer_norms(model) -> int:
             numpy_helper.from_array(match["scale"], f"{prefix}_scale"),
             numpy_helper.from_array(match["bias"], f"{prefix}_bias")])
         # Put where the final Add was: every input is available there (x was read before).
-        replacements[id(match["last"])] = helper.make_node(
+        replacements[id(match["last"])] = [helper.make_node(
             "LayerNormalization", [match["x"], f"{prefix}_scale", f"{prefix}_bias"],
-            [match["y"]], name=prefix, axis=-1, epsilon=match["epsilon"])
+            [match["y"]], name=prefix, axis=-1, epsilon=match["epsilon"])]
         removed.update(id(n) for n in match["removed"])
     if not replacements:
         return 0
-    nodes = [replacements.get(id(node), node) for node in graph.node
-             if id(node) in replacements or id(node) not in removed]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _remove_dead_nodes(graph)
-    _remove_unused_initializers(graph)
+    _splice(graph, replacements, removed)
     return len(replacements)
