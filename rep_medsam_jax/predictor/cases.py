@@ -20,7 +20,7 @@ Everything here is NumPy: the ONNX path never imports JAX.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -47,20 +47,27 @@ def predict_2d(backend: Backend, image: np.ndarray, boxes: np.ndarray) -> np.nda
     boxes256 = scale_boxes_to_256(np.asarray(boxes)[:, :4], (height, width), size)
     boxes256 = boxes256.astype(np.float32)
     segs = np.zeros((height, width), label_dtype(len(boxes256)))
-    for start in range(0, len(boxes256), DECODE_CHUNK):
-        logits, _ = backend.decode(embedding, boxes256[start:start + DECODE_CHUNK])
+    for start, logits in _decoded_chunks(backend, embedding, boxes256):
         # Painted chunk after chunk, box after box: later boxes win, as in the reference.
         paint_logits(segs, logits, range(start + 1, start + 1 + len(logits)), new_hw)
     return segs
 
 
-def _decode_boxes(backend: Backend, embedding: np.ndarray, prompts: np.ndarray,
-                  new_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
-    """N prompts (N, 4) on one image embedding, DECODE_CHUNK boxes per call -> (N, H, W) bool."""
-    masks = np.zeros((len(prompts), *original_hw), bool)
+def _decoded_chunks(backend: Backend, embedding: np.ndarray, prompts: np.ndarray
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+    """N prompts (N, 4) on one image embedding, DECODE_CHUNK per call -> (index of the chunk's
+    first prompt, its (n, S, S) low-resolution logits) for each chunk."""
     for start in range(0, len(prompts), DECODE_CHUNK):
         logits, _ = backend.decode(embedding, prompts[start:start + DECODE_CHUNK])
-        masks[start:start + DECODE_CHUNK] = logits_to_mask(logits, new_hw, original_hw)
+        yield start, logits
+
+
+def _decode_boxes(backend: Backend, embedding: np.ndarray, prompts: np.ndarray,
+                  new_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
+    """N prompts (N, 4) on one image embedding -> (N, H, W) bool masks."""
+    masks = np.zeros((len(prompts), *original_hw), bool)
+    for start, logits in _decoded_chunks(backend, embedding, prompts):
+        masks[start:start + len(logits)] = logits_to_mask(logits, new_hw, original_hw)
     return masks
 
 
