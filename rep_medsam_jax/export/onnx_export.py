@@ -32,6 +32,7 @@ from rep_medsam_jax.export.graph_passes import (drop_broadcast_expands, fuse_lay
 from rep_medsam_jax.model_dir import atomic_directory, load_model_dir
 from rep_medsam_jax.models.config import ModelConfig
 from rep_medsam_jax.predictor.backend import INT8_ENCODER   # the file predict --int8 opens
+from rep_medsam_jax.predictor.onnx_backend import PROVIDERS
 
 EXPORT_FORMAT = "rep_medsam_jax.export"
 TOLERANCE = 1e-3
@@ -99,7 +100,7 @@ def _to_onnx(fn: Callable, inputs: Sequence, name: str, input_names: Sequence[st
 def _max_abs_error(proto, fn: Callable, feeds: Sequence[np.ndarray]) -> float:
     import onnxruntime as ort  # noqa: PLC0415
 
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=PROVIDERS)
     names = [i.name for i in session.get_inputs()]
     got = session.run(None, dict(zip(names, feeds)))
     want = fn(*feeds)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from rep_medsam_jax.export.graph_passes import tensor_readers
+from rep_medsam_jax.predictor.onnx_backend import PROVIDERS
 from rep_medsam_jax.preprocess import STUDENT_SIZE, preprocess_image
 
 PHANTOM_MODALITIES = ("CT", "MR", "Endoscopy", "Dermoscopy", "Microscopy")
@@ -352,7 +353,7 @@ def calibrate(prepared_path: Path, calibration_images: np.ndarray, recipe: Int8R
     from onnxruntime.quantization.calibrate import (create_calibrator,  # noqa: PLC0415
                                                     save_tensors_data)
 
-    session = ort.InferenceSession(str(prepared_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(prepared_path), providers=PROVIDERS)
     size = session.get_inputs()[0].shape[1]
     images = (_resize_inputs(calibration_images, size) if isinstance(size, int)
               else calibration_images)
@@ -367,7 +368,7 @@ def calibrate(prepared_path: Path, calibration_images: np.ndarray, recipe: Int8R
             Path(prepared_path), list(recipe.op_types) or None,
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=_calibration_method(recipe),
-            providers=["CPUExecutionProvider"], extra_options=options)
+            providers=PROVIDERS, extra_options=options)
         # A few images at a time: the calibrator holds every intermediate tensor of the images
         # it is given (GBs for the full-size encoder); histograms and min/max merge across calls.
         for start in range(0, len(images), CALIBRATION_CHUNK):
@@ -431,8 +432,7 @@ def quantize_encoder(fp32_path: Path, int8_path: Path, calibration_images: np.nd
         prepare_for_quantization(Path(source_path or fp32_path), prepared)
         kept = quantize_prepared(prepared, int8_path, calibration_images, recipe)
 
-    sessions = [ort.InferenceSession(str(path), session_options(),
-                                     providers=["CPUExecutionProvider"])
+    sessions = [ort.InferenceSession(str(path), session_options(), providers=PROVIDERS)
                 for path in (fp32_path, int8_path)]
     t_fp32, t_int8 = _interleaved_latency(sessions, calibration_images[:1])
     cases = phantom_cases(agreement_cases, seed=99)
