@@ -89,9 +89,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment a folder of cases on the CPU",
-                       description="Segment every case in INPUT_DIR (challenge .npz, NIfTI "
-                                   "with a JSON box sidecar, PNG/JPEG with a JSON sidecar) "
-                                   "into OUTPUT_DIR, same names.")
+                       description="Segment every case in INPUT_DIR (challenge .npz; NIfTI, "
+                                   "PNG/JPEG, DICOM files and DICOM series folders, each "
+                                   "with a JSON box sidecar) into OUTPUT_DIR, same names.")
     p.add_argument("-i", "--input", required=True, help="INPUT_DIR")
     p.add_argument("-o", "--output", required=True, help="OUTPUT_DIR")
     p.add_argument("--model", required=True, help="EXPORT_DIR (onnx, openvino) or MODEL_DIR (jax)")

@@ -127,7 +127,8 @@ def _read_for_calibration(path: Path):
     try:
         return read_case(path)
     except MissingBoxesError:
-        box = [[0, 0, 0, 1, 1, 1]] if ".nii" in path.name.lower() else [[0, 0, 1, 1]]
+        is_volume = path.is_dir() or ".nii" in path.name.lower()    # NIfTI or DICOM series
+        box = [[0, 0, 0, 1, 1, 1]] if is_volume else [[0, 0, 1, 1]]
         return read_case(path, box)
 
 

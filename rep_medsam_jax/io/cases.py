@@ -1,7 +1,7 @@
-"""Reading segmentation cases (challenge npz, NIfTI, PNG/JPEG) and writing their label maps.
+"""Reading segmentation cases (challenge npz, NIfTI, DICOM, PNG/JPEG) and writing label maps.
 
-Everything here is NumPy (+ nibabel, OpenCV, both imported lazily): the deploy path never
-imports JAX.
+Everything here is NumPy (+ nibabel, OpenCV, pydicom, all imported lazily): the deploy path
+never imports JAX.
 
 Input formats
 -------------
@@ -15,18 +15,25 @@ Input formats
   dropped, colour is RGB. 16-bit images whose maximum exceeds 255 are min-max scaled to 0..255
   (truncated, as ``pre_grey_rgb.py`` does); others are cast. EXIF orientation is ignored: boxes
   and outputs refer to the pixel grid as stored.
+* DICOM (:mod:`rep_medsam_jax.io.dicom`): a single-frame ``.dcm`` file is a 2D case (output: a
+  PNG label map); a sub-folder of DICOM files is one 3D series, read as a NIfTI volume on the
+  series' voxel grid (i = column, j = row, k = slice in position order) with the affine of its
+  DICOM geometry, and written as ``<folder>.nii.gz``. Boxes come from ``<stem>.json`` /
+  ``<folder>.json`` next to the file / folder. Intensities: the Modality tag picks the rule
+  (CT windowing in HU, else as for PNG in 2D and percentiles in 3D).
 
 Coordinates: x is the column (W axis), y the row (H axis), z the slice (D axis). In-plane
 coordinates may run up to the image size (x <= W, y <= H); z is a slice index with a closed
 range, so z <= D - 1. A box with min > max on any axis is rejected.
 
-JSON sidecar (boxes for NIfTI and image inputs)
------------------------------------------------
-Next to ``<stem>.nii.gz`` / ``<stem>.png`` etc., a file ``<stem>.json``::
+JSON sidecar (boxes for NIfTI, DICOM and image inputs)
+------------------------------------------------------
+Next to ``<stem>.nii.gz`` / ``<stem>.png`` / ``<stem>.dcm`` / a series folder ``<stem>/``, a
+file ``<stem>.json``::
 
     {
       "boxes": [[x_min, y_min, x_max, y_max], ...],                # 2D images
-      "boxes": [[x_min, y_min, z_min, x_max, y_max, z_max], ...],  # NIfTI volumes
+      "boxes": [[x_min, y_min, z_min, x_max, y_max, z_max], ...],  # NIfTI / DICOM series
       "labels": ["liver", "spleen"],    # optional: a name for label 1..N, one per box
       "modality": "CT",                 # optional, NIfTI only: intensity rule (below)
       "ct_window": [40, 400]            # optional, NIfTI + CT only: [level, width] in HU
@@ -85,12 +92,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rep_medsam_jax.io import dicom
 from rep_medsam_jax.preprocess import (DEFAULT_CT_WINDOW, PERCENTILES,  # noqa: F401
                                        min_max_to_uint8, percentile_to_uint8, window_ct)
 
 NPZ_SUFFIXES = (".npz",)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (dicom.DICOM_SUFFIX,)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg") + DICOM_SUFFIXES
 SUPPORTED_SUFFIXES = NPZ_SUFFIXES + NIFTI_SUFFIXES + IMAGE_SUFFIXES
 
 LPS_AXCODES = ("L", "P", "S")
@@ -294,23 +303,28 @@ def _matching_suffix(path: Path) -> str | None:
 
 
 def case_name(path: str | os.PathLike) -> str:
-    """The case name: the file name without its format suffix (``a.nii.gz`` -> ``a``)."""
+    """The case name: the file name without its format suffix (``a.nii.gz`` -> ``a``); a DICOM
+    series folder's name as it is."""
     path = Path(path)
+    if path.is_dir():
+        return path.name
     suffix = _matching_suffix(path)
     return path.name[: -len(suffix)] if suffix else path.stem
 
 
 def discover_cases(input_dir: str | os.PathLike) -> list[Path]:
-    """The readable cases in a folder (not recursive), sorted by file name.
+    """The readable cases in a folder, sorted by name.
 
-    Picks ``.npz``, ``.nii``, ``.nii.gz``, ``.png``, ``.jpg``, ``.jpeg`` (any letter case); skips
-    hidden files (e.g. this module's temporary files), folders and JSON sidecars.
+    Picks files ``.npz``, ``.nii``, ``.nii.gz``, ``.png``, ``.jpg``, ``.jpeg``, ``.dcm`` (any
+    letter case) and sub-folders holding DICOM files (one series each, see
+    :mod:`rep_medsam_jax.io.dicom`); skips hidden entries (e.g. this module's temporary files),
+    JSON sidecars and folders without DICOM files.
     """
     folder = Path(input_dir)
     if not folder.is_dir():
         raise NotADirectoryError(f"input folder {folder} does not exist or is not a folder")
-    found = [p for p in folder.iterdir()
-             if p.is_file() and not p.name.startswith(".") and _matching_suffix(p)]
+    found = [p for p in folder.iterdir() if not p.name.startswith(".") and (
+        (p.is_file() and _matching_suffix(p)) or (p.is_dir() and dicom.series_files(p)))]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -636,7 +650,6 @@ def _read_nifti(path: Path, suffix: str, boxes_override: Any | None, modality: s
     import nibabel as nib  # noqa: PLC0415
 
     where = str(path)
-    sidecar = _sidecar_or_none(path)
     try:
         nifti = nib.load(path)
         if not isinstance(nifti, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -648,6 +661,17 @@ def _read_nifti(path: Path, suffix: str, boxes_override: Any | None, modality: s
     except Exception as err:       # nibabel raises many types for broken files
         raise CaseReadError(f"{where}: cannot read the NIfTI: {err}") from None
 
+    return _volume_case(path, data, nifti.affine, nifti.header, type(nifti), suffix,
+                        _sidecar_or_none(path), boxes_override, modality, ct_window)
+
+
+def _volume_case(path: Path, data: np.ndarray, affine: np.ndarray, header: Any,
+                 image_class: type, output_suffix: str, sidecar: Sidecar | None,
+                 boxes_override: Any | None, modality: str | None,
+                 ct_window: tuple[float, float] | None) -> Case:
+    """A 3D case from a stored voxel grid (X, Y, Z[, 1...]) and its NIfTI geometry (NIfTI files
+    and DICOM series): reoriented to LPS (D, H, W), intensities to uint8, boxes mapped."""
+    where = str(path)
     file_shape = tuple(data.shape)
     _check_not_empty(data, where)
     if data.dtype == np.bool_ or not np.issubdtype(data.dtype, np.number):
@@ -664,7 +688,7 @@ def _read_nifti(path: Path, suffix: str, boxes_override: Any | None, modality: s
 
     modality = modality or (sidecar.modality if sidecar else None)
     ct_window = ct_window or (sidecar.ct_window if sidecar else None)
-    array, file_to_lps = volume_to_dhw(volume, nifti.affine)
+    array, file_to_lps = volume_to_dhw(volume, affine)
     image = np.ascontiguousarray(intensities_to_uint8(array, modality, ct_window))
 
     voxel_boxes = validate_boxes(
@@ -680,19 +704,19 @@ def _read_nifti(path: Path, suffix: str, boxes_override: Any | None, modality: s
             "inclusive voxel indices)")
     boxes = boxes_voxel_to_dhw(voxel_boxes, volume.shape, file_to_lps)
 
-    zooms = np.asarray(nifti.header.get_zooms()[:3], np.float64)
+    zooms = np.asarray(header.get_zooms()[:3], np.float64)
     zooms = np.concatenate([zooms, np.ones(3 - zooms.size)])
     spacing = np.empty(3)
     for stored_axis in range(3):     # (x, y, z) = the LPS axes the stored axes went to
         spacing[int(file_to_lps[stored_axis, 0])] = zooms[stored_axis]
 
-    geometry = NiftiGeometry(affine=nifti.affine.copy(), header=nifti.header.copy(),
-                             image_class=type(nifti), file_shape=file_shape,
+    geometry = NiftiGeometry(affine=np.array(affine, np.float64), header=header.copy(),
+                             image_class=image_class, file_shape=file_shape,
                              file_to_lps=file_to_lps)
     return Case(name=case_name(path), image=image, boxes=boxes, is_3d=True, source=path,
                 output_format="nifti", spacing=spacing,
                 labels=sidecar.labels if sidecar and boxes_override is None else None,
-                nifti=geometry, output_suffix=suffix)
+                nifti=geometry, output_suffix=output_suffix)
 
 
 def _decode_image(path: Path) -> np.ndarray:
@@ -712,10 +736,16 @@ def _decode_image(path: Path) -> np.ndarray:
     return decoded
 
 
-def _read_image(path: Path, boxes_override: Any | None) -> Case:
+def _read_image(path: Path, boxes_override: Any | None, modality: str | None = None,
+                ct_window: tuple[float, float] | None = None) -> Case:
+    """A 2D case from a PNG / JPEG, or a single-frame DICOM file (output: a PNG label map)."""
     where = str(path)
     sidecar = _sidecar_or_none(path)
-    image = _decode_image(path)
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        image = dicom.read_dicom_image(path, modality or (sidecar.modality if sidecar else None),
+                                       ct_window or (sidecar.ct_window if sidecar else None))
+    else:
+        image = _decode_image(path)
     _check_not_empty(image, where)
     if image.dtype != np.uint8:
         if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
@@ -736,15 +766,18 @@ def read_case(path: str | os.PathLike, boxes_override: Any | None = None, *,
               ct_window: tuple[float, float] | None = None) -> Case:
     """Read and validate one case.
 
-    path: a challenge ``.npz``, a NIfTI ``.nii`` / ``.nii.gz`` or a ``.png`` / ``.jpg`` /
-        ``.jpeg`` (boxes for the last two kinds come from the JSON sidecar ``<stem>.json``).
-    boxes_override: (N, 4) / (N, 6) boxes replacing any stored ones (for NIfTI: in stored voxel
-        indices, like the sidecar).
-    modality / ct_window: NIfTI only, the intensity rule (overrides the sidecar's); ignored for
-        npz (already uint8) and images.
+    path: a challenge ``.npz``, a NIfTI ``.nii`` / ``.nii.gz``, a ``.png`` / ``.jpg`` /
+        ``.jpeg`` / ``.dcm`` file or a DICOM series folder (boxes for all but npz come from the
+        JSON sidecar ``<stem>.json``).
+    boxes_override: (N, 4) / (N, 6) boxes replacing any stored ones (for NIfTI and DICOM
+        series: in stored voxel indices, like the sidecar).
+    modality / ct_window: NIfTI and DICOM only, the intensity rule (overrides the sidecar's and
+        the DICOM Modality tag); ignored for npz (already uint8) and PNG / JPEG.
     Raises a :class:`CaseError` subclass for any problem with the case.
     """
     path = Path(path)
+    if path.is_dir():
+        return _read_dicom_series(path, boxes_override, modality, ct_window)
     suffix = _matching_suffix(path)
     if suffix is None:
         raise CaseReadError(f"{path}: unsupported file type; expected one of "
@@ -755,7 +788,23 @@ def read_case(path: str | os.PathLike, boxes_override: Any | None = None, *,
         return _read_npz(path, boxes_override)
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path, path.name[-len(suffix):], boxes_override, modality, ct_window)
-    return _read_image(path, boxes_override)
+    return _read_image(path, boxes_override, modality, ct_window)
+
+
+def _read_dicom_series(folder: Path, boxes_override: Any | None, modality: str | None,
+                       ct_window: tuple[float, float] | None) -> Case:
+    import nibabel as nib  # noqa: PLC0415
+
+    series = dicom.read_dicom_series(folder)
+    header = nib.Nifti1Header()
+    header.set_data_shape(series.volume.shape)
+    header.set_data_dtype(np.float32)
+    header.set_qform(series.affine, code=1)      # 1: scanner coordinates
+    header.set_sform(series.affine, code=1)
+    sidecar = _sidecar_or_none(folder)
+    modality = modality or (sidecar.modality if sidecar else None) or series.modality
+    return _volume_case(folder, series.volume, series.affine, header, nib.Nifti1Image,
+                        ".nii.gz", sidecar, boxes_override, modality, ct_window)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def predict_folder(backend: Backend, input_dir: str | Path, output_dir: str | Pa
 
     paths = discover_cases(input_dir)
     if not paths:
-        raise FileNotFoundError(f"{input_dir}: no cases (.npz, .nii, .nii.gz, .png, .jpg)")
+        raise FileNotFoundError(f"{input_dir}: no cases (.npz, .nii, .nii.gz, .png, .jpg, "
+                                ".dcm files or DICOM series folders)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
