@@ -78,8 +78,9 @@ def _parse_box(text: str) -> list[float]:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from rep_medsam_jax.predictor.backend import open_backend  # noqa: PLC0415
-    from rep_medsam_jax.predictor.run import predict_folder  # noqa: PLC0415
+    from rep_medsam_jax.predictor.run import case_paths, predict_folder  # noqa: PLC0415
 
+    case_paths(args.input)         # a wrong input fails here, before the model is loaded
     backend = open_backend(args.model, args.backend, threads=args.threads, int8=args.int8)
     summary = predict_folder(backend, args.input, args.output, overlay_dir=args.overlay,
                              boxes_override=args.box, show_progress=not args.quiet)
@@ -92,7 +93,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                        description="Segment every case in INPUT_DIR (challenge .npz; NIfTI, "
                                    "PNG/JPEG, DICOM files and DICOM series folders, each "
                                    "with a JSON box sidecar) into OUTPUT_DIR, same names.")
-    p.add_argument("-i", "--input", required=True, help="INPUT_DIR")
+    p.add_argument("-i", "--input", required=True,
+                   help="INPUT_DIR, or one case file (.npz, .nii.gz, .png, .dcm, ...)")
     p.add_argument("-o", "--output", required=True, help="OUTPUT_DIR")
     p.add_argument("--model", required=True, help="EXPORT_DIR (onnx, openvino) or MODEL_DIR (jax)")
     p.add_argument("--backend", default="onnx", choices=("onnx", "openvino", "jax"))

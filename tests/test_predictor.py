@@ -315,6 +315,17 @@ def test_cli_predict_and_evaluate_end_to_end(tiny_export_dir, tmp_path, capsys):
     assert main(["predict", "-i", str(data.inputs_dir), "-o", str(tmp_path / "pred2"),
                  "--model", str(tmp_path / "nowhere"), "-q"]) == 2
     assert "no such model" in capsys.readouterr().err
+    # One case file as the input; a bad input is reported before any model is opened.
+    one = sorted(data.inputs_dir.iterdir())[0]
+    assert main(["predict", "-i", str(one), "-o", str(tmp_path / "one"),
+                 "--model", str(tiny_export_dir), "-q"]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == [one.name]
+    (tmp_path / "notes.txt").write_text("x")
+    for bad, words in ((tmp_path / "notes.txt", "unsupported file type"),
+                       (tmp_path / "missing", "no such file or folder")):
+        assert main(["predict", "-i", str(bad), "-o", str(tmp_path / "bad"),
+                     "--model", str(tmp_path / "nowhere"), "-q"]) == 2
+        assert words in capsys.readouterr().err
 
 
 def test_openvino_backend_gives_the_onnx_masks(tiny_export_dir):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rep_medsam_jax.io.cases import CaseError, discover_cases, read_case, write_segmentation
+from rep_medsam_jax.io.cases import (SUPPORTED_SUFFIXES, CaseError, discover_cases, read_case,
+                                     write_segmentation)
 from rep_medsam_jax.predictor.backend import Backend
 from rep_medsam_jax.predictor.cases import predict_2d, predict_3d
 
@@ -49,21 +50,40 @@ def predict_case(backend: Backend, case) -> np.ndarray:
     return predict_2d(backend, case.image, case.boxes)
 
 
+def case_paths(input_path: str | Path) -> list[Path]:
+    """The cases to run: every case in a folder (:func:`discover_cases`), or one case file.
+
+    Raises FileNotFoundError when the path does not exist or holds no case, ValueError for a
+    file of an unsupported type, before any model is loaded.
+    """
+    path = Path(input_path)
+    if path.is_file():
+        if not path.name.lower().endswith(SUPPORTED_SUFFIXES):
+            raise ValueError(f"{path}: unsupported file type; expected a folder of cases or "
+                             f"one of {', '.join(SUPPORTED_SUFFIXES)}")
+        return [path]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    paths = discover_cases(path)
+    if not paths:
+        raise FileNotFoundError(f"{path}: no cases (.npz, .nii, .nii.gz, .png, .jpg, "
+                                ".dcm files or DICOM series folders)")
+    return paths
+
+
 def predict_folder(backend: Backend, input_dir: str | Path, output_dir: str | Path,
                    overlay_dir: str | Path | None = None,
                    boxes_override: Sequence[Sequence[float]] | None = None,
                    show_progress: bool = True) -> RunSummary:
-    """Segment every case in ``input_dir`` into ``output_dir`` (same names).
+    """Segment every case in ``input_dir`` (or the one case file it names) into
+    ``output_dir`` (same names).
 
     A bad case (unreadable, missing key or boxes, box outside the image, NaN pixels...) is
     reported and skipped; the others still run. Outputs are written atomically.
     """
     from tqdm import tqdm  # noqa: PLC0415
 
-    paths = discover_cases(input_dir)
-    if not paths:
-        raise FileNotFoundError(f"{input_dir}: no cases (.npz, .nii, .nii.gz, .png, .jpg, "
-                                ".dcm files or DICOM series folders)")
+    paths = case_paths(input_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
