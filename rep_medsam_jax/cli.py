@@ -1,7 +1,8 @@
-"""The ``rep-medsam`` command: convert | export | predict | evaluate.
+"""The ``rep-medsam`` command: convert | export | predict | evaluate | models.
 
 Each subcommand imports only what it needs, so ``predict`` with the ONNX backend starts without
-JAX or PyTorch.
+JAX or PyTorch. Models can be named entries of the model store (:mod:`rep_medsam_jax.model_store`)
+as well as paths.
 """
 
 from __future__ import annotations
@@ -9,16 +10,32 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rep_medsam_jax import model_store
+
+
+def _output_dir(args: argparse.Namespace, kind: model_store.Kind) -> Path:
+    """``-o PATH`` as given, or ``--name NAME`` in the model store."""
+    return Path(args.output) if args.output else model_store.store_path(kind, args.name)
+
+
+def _add_output_options(p: argparse.ArgumentParser, what: str, kind: str) -> None:
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("-o", "--output", help=f"{what} to create")
+    target.add_argument("--name", help=f"create it in the model store as {kind}/NAME "
+                                       f"(see `rep-medsam models`)")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from rep_medsam_jax.convert.checkpoints import convert_checkpoint  # noqa: PLC0415
 
-    config, notes = convert_checkpoint(args.checkpoint, args.kind, args.output,
+    output = _output_dir(args, "models")
+    config, notes = convert_checkpoint(args.checkpoint, args.kind, output,
                                        overwrite=args.overwrite)
     for note in notes:
         print(f"note: {note}")
-    print(f"wrote {args.output} ({config.encoder} {config.encoder_variant or '-'})")
+    print(f"wrote {output} ({config.encoder} {config.encoder_variant or '-'})")
     return 0
 
 
@@ -29,7 +46,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="kind", required=True,
                    choices=("medsam", "litemedsam", "rep-medsam"), help="checkpoint layout")
     p.add_argument("checkpoint", help="the .pth file (raw state dict or {'model': ...})")
-    p.add_argument("-o", "--output", required=True, help="MODEL_DIR to create")
+    _add_output_options(p, "MODEL_DIR", "models")
     p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
     p.set_defaults(func=_cmd_convert)
 
@@ -37,17 +54,19 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from rep_medsam_jax.export.onnx_export import export_model_dir  # noqa: PLC0415
 
+    model_dir = model_store.resolve(args.model_dir, "models")
+    output = _output_dir(args, "exports")
     calibration = None
     if args.int8 and args.calibration:
         from rep_medsam_jax.export.quantize import load_calibration_images  # noqa: PLC0415
         from rep_medsam_jax.model_dir import read_model_config  # noqa: PLC0415
 
-        image_size = read_model_config(args.model_dir)[0].image_size
+        image_size = read_model_config(model_dir)[0].image_size
         calibration = load_calibration_images(args.calibration, args.calibration_count,
                                               size=image_size)
-    meta = export_model_dir(args.model_dir, args.output, int8=args.int8,
+    meta = export_model_dir(model_dir, output, int8=args.int8,
                             calibration_images=calibration, overwrite=args.overwrite)
-    print(f"wrote {args.output}: " + ", ".join(sorted(meta["checksums"])))
+    print(f"wrote {output}: " + ", ".join(sorted(meta["checksums"])))
     return 0
 
 
@@ -56,8 +75,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                        description="Fold the encoder and export the image encoder and the "
                                    "prompt encoder + mask decoder to ONNX, each verified "
                                    "against JAX before it is written.")
-    p.add_argument("model_dir", help="MODEL_DIR (from convert or training)")
-    p.add_argument("-o", "--output", required=True, help="EXPORT_DIR to create")
+    p.add_argument("model_dir", help="MODEL_DIR (from convert or training), or a model "
+                                     "store name")
+    _add_output_options(p, "EXPORT_DIR", "exports")
     p.add_argument("--int8", action="store_true",
                    help="also write a static per-channel int8 encoder (QDQ), calibrated")
     p.add_argument("--calibration", help="folder of cases/images for int8 calibration "
@@ -81,7 +101,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from rep_medsam_jax.predictor.run import case_paths, predict_folder  # noqa: PLC0415
 
     case_paths(args.input)         # a wrong input fails here, before the model is loaded
-    backend = open_backend(args.model, args.backend, threads=args.threads, int8=args.int8)
+    model = model_store.resolve(args.model, "models" if args.backend == "jax" else "exports")
+    backend = open_backend(model, args.backend, threads=args.threads, int8=args.int8)
     summary = predict_folder(backend, args.input, args.output, overlay_dir=args.overlay,
                              boxes_override=args.box, show_progress=not args.quiet)
     print(summary.report())
@@ -96,7 +117,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--input", required=True,
                    help="INPUT_DIR, or one case file (.npz, .nii.gz, .png, .dcm, ...)")
     p.add_argument("-o", "--output", required=True, help="OUTPUT_DIR")
-    p.add_argument("--model", required=True, help="EXPORT_DIR (onnx, openvino) or MODEL_DIR (jax)")
+    p.add_argument("--model", required=True,
+                   help="EXPORT_DIR (onnx, openvino) or MODEL_DIR (jax), or a model store name")
     p.add_argument("--backend", default="onnx", choices=("onnx", "openvino", "jax"))
     p.add_argument("--box", type=_parse_box, action="append",
                    help="a box for every case without its own (repeatable): 'x0 y0 x1 y1' "
@@ -131,8 +153,38 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    root = model_store.store_root()
+    print(f"model store: {root} (set {model_store.ENV_VAR} to change)")
+    for kind in ("models", "exports"):
+        names = model_store.installed(kind)
+        print(f"{kind}:" + ("" if names else " none"))
+        for name in names:
+            folder = root / kind / name
+            try:
+                info = json.loads((folder / model_store.MARKERS[kind]).read_text())
+            except (OSError, ValueError):
+                info = {}
+            model = info.get("model") if isinstance(info, dict) else None
+            model = model if isinstance(model, dict) else {}
+            variant = model.get("encoder_variant") or model.get("encoder") or "?"
+            extra = " +int8" if kind == "exports" and "int8" in info else ""
+            print(f"  {name:24s} {variant}{extra}")
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model store",
+                       description="List the model directories and exports in the model store "
+                                   f"(${model_store.ENV_VAR}, default ~/.cache/rep_medsam_jax); "
+                                   "add to it with convert/export --name NAME.")
+    p.set_defaults(func=_cmd_models)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_convert, _add_export, _add_predict, _add_evaluate]
+    _add_convert, _add_export, _add_predict, _add_evaluate, _add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:
