@@ -194,7 +194,6 @@ def test_predict_folder_segments_dicom_images_and_series(tmp_path):
     ("duplicate", "same position"),
     ("gap", "uneven slice spacing"),
     ("no_position", "ImagePositionPatient"),
-    ("garbage", "cannot read the DICOM|no pixel data"),
     ("truncated", "cannot read the DICOM|cannot decode the pixel data"),
     ("multiframe", "multi-frame"),
 ])
@@ -215,8 +214,6 @@ def test_bad_series_raise_a_clear_case_error(tmp_path, problem, words):
         ds = pydicom.dcmread(files[2])
         del ds.ImagePositionPatient
         ds.save_as(files[2])
-    elif problem == "garbage":
-        files[2].write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     elif problem == "truncated":
         files[2].write_bytes(files[2].read_bytes()[:-10])
     elif problem == "multiframe":
@@ -237,6 +234,20 @@ def test_bad_2d_dicom_files_raise_a_clear_case_error(tmp_path):
         rio.read_case(tmp_path / "nobox.dcm")
     with pytest.raises(rio.BoxOutOfBoundsError):
         rio.read_case(tmp_path / "nobox.dcm", boxes_override=[[0, 0, 9, 9]])
+
+
+def test_series_skips_objects_without_pixels_but_needs_one_image(tmp_path):
+    stored = np.arange(2 * 4 * 4, dtype=np.int16).reshape(2, 4, 4) + 1000
+    _series(tmp_path / "s", stored, [0.0, 5.0])
+    report = pydicom.dcmread(tmp_path / "s" / "im001.dcm")
+    del report.PixelData                                   # e.g. a structured report
+    report.save_as(tmp_path / "s" / "report.dcm")
+    case = rio.read_case(tmp_path / "s", boxes_override=[[0, 0, 0, 3, 3, 1]])
+    assert case.image.shape == (2, 4, 4)
+    for name in ("im001.dcm", "im002.dcm"):
+        (tmp_path / "s" / name).unlink()
+    with pytest.raises(rio.CaseReadError, match="none of the 1 DICOM file"):
+        rio.read_case(tmp_path / "s", boxes_override=[[0, 0, 0, 3, 3, 0]])
 
 
 def test_series_files_accept_extensionless_files_with_the_dicom_preamble(tmp_path):

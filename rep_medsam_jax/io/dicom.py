@@ -20,7 +20,8 @@ series folder or convert them to NIfTI.
 3D (a series folder)
 --------------------
 Every non-hidden file in the folder whose name ends in ``.dcm`` or that carries the DICOM
-preamble (``DICM`` at byte 128; PACS exports often have no extension) is a slice. The slices
+preamble (``DICM`` at byte 128; PACS exports often have no extension) and holds pixel data is
+a slice (a DICOMDIR or a structured report in the folder is skipped). The slices
 must share one SeriesInstanceUID, image size, orientation and pixel spacing, and lie at distinct
 positions with even spacing (within 1 %; an uneven stack has no single voxel grid). They are
 ordered by their position along the slice normal (ImagePositionPatient projected on
@@ -84,13 +85,18 @@ def _pydicom():
     return pydicom
 
 
-def _read_dataset(path: Path):
-    """The parsed file, with its pixel data present; CaseReadError otherwise."""
+def _parse(path: Path):
+    """The parsed file (pixel data not decoded yet); CaseReadError when it cannot be read."""
     pydicom = _pydicom()
     try:
-        dataset = pydicom.dcmread(path)
+        return pydicom.dcmread(path)
     except Exception as err:       # pydicom raises many types for broken files
         raise _errors().CaseReadError(f"{path}: cannot read the DICOM file: {err}") from None
+
+
+def _read_dataset(path: Path):
+    """The parsed file, with its pixel data present; CaseReadError otherwise."""
+    dataset = _parse(path)
     if "PixelData" not in dataset:
         raise _errors().CaseReadError(f"{path}: the DICOM file has no pixel data "
                                       f"(SOP class {dataset.get('SOPClassUID', 'unknown')})")
@@ -223,7 +229,14 @@ def read_dicom_series(folder: str | os.PathLike) -> DicomSeries:
     files = series_files(folder)
     if not files:
         raise cases.CaseReadError(f"{folder}: no DICOM files in the series folder")
-    datasets = [_read_dataset(path) for path in files]
+    parsed = [(path, _parse(path)) for path in files]
+    # Objects without pixels (a DICOMDIR, structured reports, presentation states) are not
+    # slices: skipped, as viewers do.
+    images = [(path, dataset) for path, dataset in parsed if "PixelData" in dataset]
+    if not images:
+        raise cases.CaseReadError(f"{folder}: none of the {len(files)} DICOM file(s) holds an "
+                                  "image")
+    files, datasets = [path for path, _ in images], [dataset for _, dataset in images]
     for path, dataset in zip(files, datasets):
         if _frames(dataset) > 1:
             raise cases.ImageShapeError(f"{path}: multi-frame DICOM files are not supported in "
