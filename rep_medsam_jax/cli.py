@@ -147,8 +147,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="DSC and NSD of predictions against ground truth",
                        description="The challenge metrics (SPEC §9.1): per case DSC and NSD "
                                    "(tolerance 2, NSD only when DSC > 0.2).")
-    p.add_argument("--pred", required=True, help="folder of predicted .npz (key segs)")
-    p.add_argument("--gt", required=True, help="folder of ground-truth .npz (key gts)")
+    p.add_argument("--pred", required=True,
+                   help="folder of predictions (.npz key segs, .nii.gz, .png), named as the GT")
+    p.add_argument("--gt", required=True,
+                   help="folder of ground truth (.npz key gts, .nii.gz, .png label maps)")
     p.add_argument("-o", "--output", default="metrics.csv", help="CSV to write")
     p.set_defaults(func=_cmd_evaluate)
 

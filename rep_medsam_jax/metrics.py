@@ -347,19 +347,86 @@ def _write_csv_atomically(rows: list[dict], out_csv: Path) -> None:
         raise
 
 
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_GT_SUFFIXES = (".npz",) + _NIFTI_SUFFIXES + (".png",)
+
+
+@dataclasses.dataclass
+class _LabelMap:
+    labels: np.ndarray
+    spacing: np.ndarray | None      # per array axis, 3D only
+    is_3d: bool
+    affine: np.ndarray | None = None
+
+
+def _integer_labels(array: np.ndarray, where: str) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise ValueError(f"{where}: label map holds non-integer values")
+        return array.astype(np.int64)
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise ValueError(f"{where}: label map of type {array.dtype} is not integer labels")
+    return array
+
+
+def _read_label_map(path: Path, key: str) -> _LabelMap:
+    """A GT (key "gts") or prediction (key "segs") label map of a supported file type.
+
+    npz: the challenge's rules (3D by a "3D" name prefix, GT spacing used as stored). NIfTI:
+    3D, spacing from the header's zooms on the stored axes. PNG: a 2D label map.
+    """
+    name = path.name
+    lower = name.lower()
+    if lower.endswith(".npz"):
+        is_3d = name.startswith("3D")
+        with np.load(path) as archive:
+            if key not in archive:
+                raise ValueError(f"{name}: no key {key!r} (keys: {sorted(archive.files)})")
+            labels = archive[key]
+            spacing = archive["spacing"] if key == "gts" and is_3d and "spacing" in archive \
+                else None
+        if key == "gts" and is_3d and spacing is None:
+            raise ValueError(f"{name}: 3D ground truth has no 'spacing'")
+        return _LabelMap(labels, spacing, is_3d)
+    if lower.endswith(_NIFTI_SUFFIXES):
+        import nibabel as nib  # noqa: PLC0415
+
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+        if data.ndim > 3 and any(n != 1 for n in data.shape[3:]):
+            raise ValueError(f"{name}: a label volume must be 3D, got shape {data.shape}")
+        data = data.reshape(data.shape[:3] + (1,) * (3 - min(data.ndim, 3)))
+        zooms = np.asarray(image.header.get_zooms()[:3], np.float64)
+        zooms = np.concatenate([zooms, np.ones(3 - zooms.size)])
+        return _LabelMap(_integer_labels(data, name), zooms, True, np.asarray(image.affine))
+    import cv2  # noqa: PLC0415
+
+    labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if labels is None or labels.ndim != 2:
+        raise ValueError(f"{name}: not a single-channel PNG label map")
+    return _LabelMap(labels, None, False)
+
+
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                     out_csv: str | os.PathLike) -> list[dict]:
-    """Score every GT `*.npz` in `gt_dir` against the same-named prediction in `pred_dir`.
+    """Score every ground truth in `gt_dir` against the same-named prediction in `pred_dir`.
+
+    Ground truths: challenge `*.npz` (key `gts`; predictions key `segs`; 3D cases are those
+    whose name starts with "3D", spacing = the GT's `spacing` used as stored, SPEC §9.1),
+    NIfTI `*.nii.gz` / `*.nii` (3D; spacing = the GT header's voxel sizes on the stored axes,
+    so no axis quirk; the prediction must lie on the same grid) and PNG label maps (2D).
 
     Returns rows {"case": file name, "dsc", "nsd"} (rounded to 4 decimals, sorted by file
     name) and writes them to `out_csv` (temp file + os.replace, so a reader never sees a
-    half-written file). 3D cases are those whose name starts with "3D". A missing
-    prediction scores DSC 0 / NSD 0 with a warning. A prediction whose shape differs
-    from the GT raises ValueError naming the case.
+    half-written file). A missing prediction scores DSC 0 / NSD 0 with a warning. A
+    prediction whose shape (or, for NIfTI, affine) differs from the GT raises ValueError
+    naming the case.
     """
     pred_dir, gt_dir, out_csv = Path(pred_dir), Path(gt_dir), Path(out_csv)
     rows = []
-    for gt_path in sorted(gt_dir.glob("*.npz")):
+    gt_paths = sorted(p for p in gt_dir.iterdir()
+                      if p.is_file() and p.name.lower().endswith(_GT_SUFFIXES))
+    for gt_path in gt_paths:
         name = gt_path.name
         pred_path = pred_dir / name
         if not pred_path.exists():
@@ -367,16 +434,15 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                           stacklevel=2)
             rows.append({"case": name, "dsc": 0.0, "nsd": 0.0})
             continue
-        is_3d = name.startswith("3D")
-        with np.load(gt_path) as gt_npz, np.load(pred_path) as pred_npz:
-            gts = gt_npz["gts"]
-            segs = pred_npz["segs"]
-            if is_3d and "spacing" not in gt_npz:
-                raise ValueError(f"{name}: 3D ground truth has no 'spacing'")
-            spacing = gt_npz["spacing"] if is_3d else None
-        if gts.shape != segs.shape:
-            raise ValueError(f"{name}: prediction shape {segs.shape} != ground truth shape {gts.shape}")
-        dsc, nsd = case_metrics(gts, segs, spacing, is_3d)
+        gt = _read_label_map(gt_path, "gts")
+        pred = _read_label_map(pred_path, "segs")
+        if gt.labels.shape != pred.labels.shape:
+            raise ValueError(f"{name}: prediction shape {pred.labels.shape} != ground truth "
+                             f"shape {gt.labels.shape}")
+        if gt.affine is not None and not np.allclose(gt.affine, pred.affine, atol=1e-3):
+            raise ValueError(f"{name}: the prediction's affine differs from the ground "
+                             "truth's: not the same voxel grid")
+        dsc, nsd = case_metrics(gt.labels, pred.labels, gt.spacing, gt.is_3d)
         rows.append({"case": name, "dsc": float(np.round(dsc, 4)), "nsd": float(np.round(nsd, 4))})
     _write_csv_atomically(rows, out_csv)
     return rows

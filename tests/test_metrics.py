@@ -371,3 +371,61 @@ def test_evaluate_folder_shape_mismatch_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="2DBox_x.npz"):
         metrics.evaluate_folder(tmp_path / "segs", tmp_path / "gts", tmp_path / "metrics.csv")
     assert not (tmp_path / "metrics.csv").exists()
+
+
+def _nifti(path, data, zooms, affine=None):
+    import nibabel as nib
+
+    affine = np.diag(list(zooms) + [1.0]) if affine is None else affine
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def test_evaluate_nifti_uses_the_header_spacing_on_the_stored_axes(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gts", tmp_path / "segs"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    zooms = (0.5, 1.0, 3.0)
+    gt = np.zeros((12, 12, 12), np.uint8)
+    gt[3:9, 3:9, 3:9] = 1                                  # a 6-voxel cube
+    # Shifted one voxel along axis 0 (0.5 mm): every surface point is within the 2 mm
+    # tolerance, so NSD = 1; DSC = 5/6 by overlap.
+    along_fine = np.roll(gt, 1, axis=0)
+    # Shifted one voxel along axis 2 (3 mm): the moved faces are beyond 2 mm, so NSD < 1.
+    along_coarse = np.roll(gt, 1, axis=2)
+    for name, pred in (("fine.nii.gz", along_fine), ("coarse.nii.gz", along_coarse)):
+        _nifti(gt_dir / name, gt, zooms)
+        _nifti(pred_dir / name, pred, zooms)
+    rows = {r["case"]: r for r in metrics.evaluate_folder(pred_dir, gt_dir, tmp_path / "m.csv")}
+    assert rows["fine.nii.gz"]["dsc"] == rows["coarse.nii.gz"]["dsc"] == round(5 / 6, 4)
+    assert rows["fine.nii.gz"]["nsd"] == 1.0
+    assert rows["coarse.nii.gz"]["nsd"] < 0.9
+
+    _nifti(pred_dir / "fine.nii.gz", along_fine, zooms, affine=np.diag([0.5, 1.0, 3.0, 1.0])
+           + np.array([[0, 0, 0, 10.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="fine.nii.gz: the prediction's affine differs"):
+        metrics.evaluate_folder(pred_dir, gt_dir, tmp_path / "m.csv")
+    _nifti(pred_dir / "fine.nii.gz", along_fine.astype(np.float32) * 0.5, zooms)
+    with pytest.raises(ValueError, match="non-integer"):
+        metrics.evaluate_folder(pred_dir, gt_dir, tmp_path / "m.csv")
+
+
+def test_evaluate_png_label_maps_like_2d_npz(tmp_path):
+    import cv2
+
+    gts = np.zeros((24, 24), np.uint8)
+    gts[5:15, 5:15] = 3
+    segs = np.zeros_like(gts)
+    segs[5:15, 8:18] = 3
+    for kind in ("png", "npz"):
+        (tmp_path / kind / "gts").mkdir(parents=True)
+        (tmp_path / kind / "segs").mkdir()
+    cv2.imwrite(str(tmp_path / "png" / "gts" / "a.png"), gts)
+    cv2.imwrite(str(tmp_path / "png" / "segs" / "a.png"), segs)
+    np.savez(tmp_path / "npz" / "gts" / "2D_a.npz", gts=gts)
+    np.savez(tmp_path / "npz" / "segs" / "2D_a.npz", segs=segs)
+    png = metrics.evaluate_folder(tmp_path / "png" / "segs", tmp_path / "png" / "gts",
+                                  tmp_path / "png.csv")
+    npz = metrics.evaluate_folder(tmp_path / "npz" / "segs", tmp_path / "npz" / "gts",
+                                  tmp_path / "npz.csv")
+    assert png[0]["dsc"] == 0.7 and (png[0]["dsc"], png[0]["nsd"]) == (npz[0]["dsc"],
+                                                                       npz[0]["nsd"])
