@@ -85,11 +85,12 @@ def _pydicom():
     return pydicom
 
 
-def _parse(path: Path):
-    """The parsed file (pixel data not decoded yet); CaseReadError when it cannot be read."""
+def _parse(path: Path, headers_only: bool = False):
+    """The parsed file (without its pixel data when ``headers_only``); CaseReadError when it
+    cannot be read."""
     pydicom = _pydicom()
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=headers_only)
     except Exception as err:       # pydicom raises many types for broken files
         raise _errors().CaseReadError(f"{path}: cannot read the DICOM file: {err}") from None
 
@@ -180,7 +181,8 @@ def read_dicom_image(path: str | os.PathLike, modality: str | None = None,
 class DicomSeries:
     """A DICOM series as a voxel grid.
 
-    volume: (X, Y, Z) = (columns, rows, slices) float64 modality values (HU for CT).
+    volume: (X, Y, Z) = (columns, rows, slices) float32 modality values (HU for CT); a
+        transposed view of a (slices, rows, columns) array.
     affine: (4, 4) voxel (i, j, k) -> scanner RAS millimetres, NIfTI's convention.
     modality: the Modality tag of the first slice (upper case), or None.
     """
@@ -229,10 +231,13 @@ def read_dicom_series(folder: str | os.PathLike) -> DicomSeries:
     files = series_files(folder)
     if not files:
         raise cases.CaseReadError(f"{folder}: no DICOM files in the series folder")
-    parsed = [(path, _parse(path)) for path in files]
-    # Objects without pixels (a DICOMDIR, structured reports, presentation states) are not
+    # Headers first (geometry, order); each slice's pixels are read later, one file at a time,
+    # so a series never holds its raw and decoded pixels in memory at once.
+    parsed = [(path, _parse(path, headers_only=True)) for path in files]
+    # Objects without an image (a DICOMDIR, structured reports, presentation states) are not
     # slices: skipped, as viewers do.
-    images = [(path, dataset) for path, dataset in parsed if "PixelData" in dataset]
+    images = [(path, dataset) for path, dataset in parsed
+              if "Rows" in dataset and "Columns" in dataset]
     if not images:
         raise cases.CaseReadError(f"{folder}: none of the {len(files)} DICOM file(s) holds an "
                                   "image")
@@ -280,11 +285,20 @@ def read_dicom_series(folder: str | os.PathLike) -> DicomSeries:
     lps[:3, 2] = slice_step
     lps[:3, 3] = positions[0]
 
-    slices = []
-    for index in order:
-        dataset, path = datasets[int(index)], files[int(index)]
-        pixels = _pixels(dataset, path)
-        slices.append(_modality_values(dataset, pixels))   # each slice may have its own rescale
-    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (i, j, k)
-    return DicomSeries(volume=np.ascontiguousarray(volume), affine=_LPS_TO_RAS @ lps,
+    # float32 holds every HU exactly at half float64's memory (a 512 x 512 x 300 CT: 315 MB);
+    # slices are converted one at a time, each with its own rescale.
+    volume = None
+    for position, index in enumerate(order):
+        path = files[int(index)]
+        dataset = _read_dataset(path)
+        values = _modality_values(dataset, _pixels(dataset, path))
+        if volume is None:
+            volume = np.empty((len(order),) + values.shape, np.float32)
+        if values.shape != volume.shape[1:]:
+            raise cases.ImageShapeError(f"{path}: pixel data of shape {values.shape}, not the "
+                                        f"series' {volume.shape[1:]}")
+        volume[position] = values
+    # (k, rows, cols) -> (i, j, k), a view: an axial series goes back to (k, rows, cols) when
+    # the case is laid out as (D, H, W), without a copy.
+    return DicomSeries(volume=volume.transpose(2, 1, 0), affine=_LPS_TO_RAS @ lps,
                        modality=modality_of(datasets[int(order[0])]))
