@@ -101,10 +101,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from rep_medsam_jax.predictor.run import case_paths, predict_folder  # noqa: PLC0415
 
     case_paths(args.input)         # a wrong input fails here, before the model is loaded
+    if args.ct_window is not None and not args.ct_window[1] > 0:
+        raise ValueError(f"--ct-window: the width must be positive, got {args.ct_window[1]:g}")
     model = model_store.resolve(args.model, "models" if args.backend == "jax" else "exports")
     backend = open_backend(model, args.backend, threads=args.threads, int8=args.int8)
     summary = predict_folder(backend, args.input, args.output, overlay_dir=args.overlay,
-                             boxes_override=args.box, show_progress=not args.quiet)
+                             boxes_override=args.box, modality=args.modality,
+                             ct_window=args.ct_window, show_progress=not args.quiet)
     print(summary.report())
     return 1 if summary.failures else 0
 
@@ -121,8 +124,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="EXPORT_DIR (onnx, openvino) or MODEL_DIR (jax), or a model store name")
     p.add_argument("--backend", default="onnx", choices=("onnx", "openvino", "jax"))
     p.add_argument("--box", type=_parse_box, action="append",
-                   help="a box for every case without its own (repeatable): 'x0 y0 x1 y1' "
-                        "or 'x0 y0 z0 x1 y1 z1' in pixels/voxels")
+                   help="a box for every case, in place of its stored or sidecar boxes "
+                        "(repeatable): 'x0 y0 x1 y1' or 'x0 y0 z0 x1 y1 z1' in pixels/voxels")
+    p.add_argument("--modality", metavar="NAME",
+                   help="intensity rule for every NIfTI and DICOM case, over sidecars and "
+                        "DICOM tags: CT (HU windowing) or anything else (percentile clipping; "
+                        "default: the sidecar's 'modality', then the DICOM Modality tag)")
+    p.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
+                   help="CT window in HU for every CT case, over sidecars (default 40 400)")
     p.add_argument("--int8", action="store_true",
                    help="use the export's int8 encoder (written by export --int8): about "
                         "half the encoder time, masks close to but not equal to fp32")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -337,3 +338,38 @@ def test_openvino_backend_gives_the_onnx_masks(tiny_export_dir):
     image, _, boxes = make_case_2d(np.random.default_rng(2), "MR", 128)
     a, b = predict_2d(onnx_backend, image, boxes), predict_2d(openvino_backend, image, boxes)
     assert min(_label_dice(a, b)) >= 0.99 and a.any()
+
+
+def test_cli_modality_and_ct_window_apply_to_nifti_cases_without_sidecars(tmp_path, capsys,
+                                                                         monkeypatch):
+    import nibabel as nib
+
+    from rep_medsam_jax import cli
+    from rep_medsam_jax.predictor import backend as backend_module
+
+    # Air (-1000 HU), a soft-tissue block (100 HU) and a bone block (1000 HU). As CT (window
+    # 40 / 400) the soft tissue is bright (165 of 255); under the percentile rule (the default
+    # without a modality) the soft tissue sits at the low percentile and maps to 0.
+    hu = np.full((32, 32, 4), -1000, np.int16)
+    hu[4:14, 4:28] = 100
+    hu[18:28, 4:28] = 1000
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(hu, np.diag([-1.0, -1.0, 1.0, 1.0])), tmp_path / "in" / "ct.nii.gz")
+    monkeypatch.setattr(backend_module, "open_backend", lambda *a, **k: ThresholdBackend())
+    box = "0 0 0 31 31 3"
+
+    def soft_tissue_voxels(*flags):
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        assert cli.main(["predict", "-i", str(tmp_path / "in"), "-o", str(out), "--model", str(tmp_path),
+                         "--box", box, "-q", *flags]) == 0
+        labels = np.asarray(nib.load(out / "ct.nii.gz").dataobj)
+        return int(labels[4:14, 4:28].astype(bool).sum()), int(labels[18:28, 4:28].sum() > 0)
+
+    assert soft_tissue_voxels() == (0, 1)
+    assert soft_tissue_voxels("--modality", "CT") == (10 * 24 * 4, 1)
+    # A window of level 1000 / width 400 ([800, 1200]) leaves only the bone bright.
+    assert soft_tissue_voxels("--modality", "ct", "--ct-window", "1000", "400") == (0, 1)
+    assert cli.main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
+                     "--model", str(tmp_path), "--ct-window", "40", "0"]) == 2
+    assert "width must be positive" in capsys.readouterr().err

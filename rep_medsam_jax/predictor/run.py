@@ -74,12 +74,15 @@ def case_paths(input_path: str | Path) -> list[Path]:
 def predict_folder(backend: Backend, input_dir: str | Path, output_dir: str | Path,
                    overlay_dir: str | Path | None = None,
                    boxes_override: Sequence[Sequence[float]] | None = None,
+                   modality: str | None = None, ct_window: tuple[float, float] | None = None,
                    show_progress: bool = True) -> RunSummary:
     """Segment every case in ``input_dir`` (or the one case file it names) into
     ``output_dir`` (same names).
 
     A bad case (unreadable, missing key or boxes, box outside the image, NaN pixels...) is
     reported and skipped; the others still run. Outputs are written atomically.
+    boxes_override / modality / ct_window: passed to :func:`read_case` for every case (they
+    override stored boxes, sidecars and DICOM tags).
     """
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -91,7 +94,8 @@ def predict_folder(backend: Backend, input_dir: str | Path, output_dir: str | Pa
     for path in bar:
         start = time.perf_counter()
         try:
-            case = read_case(path, boxes_override=boxes_override)
+            case = read_case(path, boxes_override=boxes_override, modality=modality,
+                             ct_window=ct_window)
             segs = predict_case(backend, case)
             output = write_segmentation(case, segs, output_dir)
             if overlay_dir is not None:
