@@ -367,7 +367,9 @@ def test_cli_modality_and_ct_window_apply_to_nifti_cases_without_sidecars(tmp_pa
         return int(labels[4:14, 4:28].astype(bool).sum()), int(labels[18:28, 4:28].sum() > 0)
 
     assert soft_tissue_voxels() == (0, 1)
+    assert "note ct.nii.gz: no modality given and values reach -1000" in capsys.readouterr().out
     assert soft_tissue_voxels("--modality", "CT") == (10 * 24 * 4, 1)
+    assert "note" not in capsys.readouterr().out
     # A window of level 1000 / width 400 ([800, 1200]) leaves only the bone bright.
     assert soft_tissue_voxels("--modality", "ct", "--ct-window", "1000", "400") == (0, 1)
     assert cli.main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),

@@ -63,7 +63,9 @@ NIfTI intensities (the rule of ``pre_CT_MR.py``, SPEC §6.2)
   then min-max the clipped volume to 0..255.
 * otherwise (MR, None, anything else): clip to the 0.5th / 99.5th percentiles of the voxels > 0
   (of all voxels if none is > 0), min-max to 0..255, and set voxels that were exactly 0 back to 0.
-The result is truncated to uint8. A constant volume becomes all zeros.
+The result is truncated to uint8. A constant volume becomes all zeros. A volume read without a
+modality whose values reach -900 or below (air in Hounsfield units) carries a note in
+``Case.notes`` (the predictor prints it) suggesting the CT rule; the rule is not switched.
 
 Errors
 ------
@@ -103,6 +105,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg") + DICOM_SUFFIXES
 SUPPORTED_SUFFIXES = NPZ_SUFFIXES + NIFTI_SUFFIXES + IMAGE_SUFFIXES
 
 LPS_AXCODES = ("L", "P", "S")
+# Air is -1000 HU; other modalities are rarely this negative. Below it, a volume read without
+# a modality gets a note suggesting CT windowing (never a silent change of rule).
+LOOKS_LIKE_HU = -900.0
 
 OutputFormat = Literal["npz", "nifti", "png"]
 
@@ -278,6 +283,7 @@ class Case:
     labels: tuple[str, ...] | None = None
     nifti: NiftiGeometry | None = None
     output_suffix: str = ".npz"
+    notes: tuple[str, ...] = ()       # things the user should know; the case still runs
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -690,6 +696,12 @@ def _volume_case(path: Path, data: np.ndarray, affine: np.ndarray, header: Any,
     ct_window = ct_window or (sidecar.ct_window if sidecar else None)
     array, file_to_lps = volume_to_dhw(volume, affine)
     image = np.ascontiguousarray(intensities_to_uint8(array, modality, ct_window))
+    notes = ()
+    lowest = float(volume.min())
+    if modality is None and lowest <= LOOKS_LIKE_HU:
+        notes = (f"no modality given and values reach {lowest:g}, as a CT in Hounsfield units "
+                 "does: the percentile rule was used; for CT windowing set \"modality\": "
+                 "\"CT\" in the sidecar or pass --modality CT",)
 
     voxel_boxes = validate_boxes(
         _boxes_from_sidecar_or_override(path, sidecar, boxes_override),
@@ -716,7 +728,7 @@ def _volume_case(path: Path, data: np.ndarray, affine: np.ndarray, header: Any,
     return Case(name=case_name(path), image=image, boxes=boxes, is_3d=True, source=path,
                 output_format="nifti", spacing=spacing,
                 labels=sidecar.labels if sidecar and boxes_override is None else None,
-                nifti=geometry, output_suffix=output_suffix)
+                nifti=geometry, output_suffix=output_suffix, notes=notes)
 
 
 def _decode_image(path: Path) -> np.ndarray:

@@ -96,6 +96,8 @@ def predict_folder(backend: Backend, input_dir: str | Path, output_dir: str | Pa
         try:
             case = read_case(path, boxes_override=boxes_override, modality=modality,
                              ct_window=ct_window)
+            for note in case.notes:
+                bar.write(f"note {path.name}: {note}")
             segs = predict_case(backend, case)
             output = write_segmentation(case, segs, output_dir)
             if overlay_dir is not None:
