@@ -127,9 +127,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="a box for every case, in place of its stored or sidecar boxes "
                         "(repeatable): 'x0 y0 x1 y1' or 'x0 y0 z0 x1 y1 z1' in pixels/voxels")
     p.add_argument("--modality", metavar="NAME",
-                   help="intensity rule for every NIfTI and DICOM case, over sidecars and "
-                        "DICOM tags: CT (HU windowing) or anything else (percentile clipping; "
-                        "default: the sidecar's 'modality', then the DICOM Modality tag)")
+                   help="modality of every NIfTI and DICOM case, over sidecars and DICOM "
+                        "tags: CT is windowed in HU, any other name takes the non-CT rule "
+                        "(percentiles for volumes; see rep_medsam_jax/io). Default: the "
+                        "sidecar's 'modality', then the DICOM Modality tag")
     p.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
                    help="CT window in HU for every CT case, over sidecars (default 40 400)")
     p.add_argument("--int8", action="store_true",
