@@ -36,7 +36,7 @@ import numpy as np
 
 from rep_medsam_jax.io import (CaseError, CaseReadError, ImageDtypeError, ImageShapeError,
                                MissingKeyError, NonFiniteImageError, intensities_to_uint8,
-                               validate_boxes, volume_to_dhw)
+                               three_axes, validate_boxes, volume_to_dhw)
 
 NIFTI_IMAGE_DIRS = ("imagesTr", "images")
 NIFTI_LABEL_DIRS = ("labelsTr", "labels")
@@ -367,12 +367,9 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(nifti.dataobj, dtype=np.float64)
     except Exception as err:          # nibabel raises many types for broken files
         raise CaseReadError(f"{path}: cannot read the NIfTI: {err}") from None
-    if data.ndim > 3 and any(n != 1 for n in data.shape[3:]):
-        raise ImageShapeError(f"{path}: expected one 3D volume, got shape {data.shape}")
     if data.ndim < 2 or data.size == 0:
         raise ImageShapeError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    data = data.reshape(data.shape[:3] + (1,) * (3 - min(data.ndim, 3)))
-    return data, np.asarray(nifti.affine)
+    return three_axes(data, str(path)), np.asarray(nifti.affine)
 
 
 def _read_nifti_case(source: CaseSource) -> TrainingCase:

@@ -39,6 +39,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from rep_medsam_jax.io.cases import NIFTI_SUFFIXES, header_zooms, three_axes
+
 NSD_TOLERANCE = 2.0
 NSD_MIN_DSC = 0.2
 
@@ -347,8 +349,7 @@ def _write_csv_atomically(rows: list[dict], out_csv: Path) -> None:
         raise
 
 
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_GT_SUFFIXES = (".npz",) + _NIFTI_SUFFIXES + (".png",)
+_GT_SUFFIXES = (".npz",) + NIFTI_SUFFIXES + (".png",)
 
 
 @dataclasses.dataclass
@@ -388,17 +389,13 @@ def _read_label_map(path: Path, key: str) -> _LabelMap:
         if key == "gts" and is_3d and spacing is None:
             raise ValueError(f"{name}: 3D ground truth has no 'spacing'")
         return _LabelMap(labels, spacing, is_3d)
-    if lower.endswith(_NIFTI_SUFFIXES):
+    if lower.endswith(NIFTI_SUFFIXES):
         import nibabel as nib  # noqa: PLC0415
 
         image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-        if data.ndim > 3 and any(n != 1 for n in data.shape[3:]):
-            raise ValueError(f"{name}: a label volume must be 3D, got shape {data.shape}")
-        data = data.reshape(data.shape[:3] + (1,) * (3 - min(data.ndim, 3)))
-        zooms = np.asarray(image.header.get_zooms()[:3], np.float64)
-        zooms = np.concatenate([zooms, np.ones(3 - zooms.size)])
-        return _LabelMap(_integer_labels(data, name), zooms, True, np.asarray(image.affine))
+        data = three_axes(np.asanyarray(image.dataobj), name)     # ImageShapeError: a ValueError
+        return _LabelMap(_integer_labels(data, name), header_zooms(image.header), True,
+                         np.asarray(image.affine))
     import cv2  # noqa: PLC0415
 
     labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

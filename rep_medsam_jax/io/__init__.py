@@ -33,6 +33,7 @@ from rep_medsam_jax.io.cases import (
     read_case,
     read_sidecar,
     sidecar_path,
+    three_axes,
     validate_boxes,
     volume_to_dhw,
     window_ct,
@@ -48,6 +49,7 @@ __all__ = [
     "SegmentationError", "Sidecar", "SidecarError", "SpacingError", "atomic_write", "case_name",
     "discover_cases", "dhw_to_volume", "intensities_to_uint8", "min_max_to_uint8",
     "percentile_to_uint8",
-    "read_case", "read_sidecar", "sidecar_path", "validate_boxes", "volume_to_dhw", "window_ct",
+    "read_case", "read_sidecar", "sidecar_path", "three_axes", "validate_boxes", "volume_to_dhw",
+    "window_ct",
     "write_bytes_atomic", "write_segmentation", "write_text_atomic",
 ]

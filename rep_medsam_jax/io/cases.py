@@ -538,6 +538,21 @@ def orientation_to_lps(affine: np.ndarray) -> np.ndarray:
     return orientations.ornt_transform(stored, orientations.axcodes2ornt(LPS_AXCODES))
 
 
+def three_axes(data: np.ndarray, where: str) -> np.ndarray:
+    """A stored NIfTI array as (X, Y, Z): trailing singleton axes dropped, missing ones added
+    (a 2D (X, Y) image is one slice); ImageShapeError when an extra axis is not singleton."""
+    if data.ndim > 3 and any(n != 1 for n in data.shape[3:]):
+        raise ImageShapeError(f"{where}: expected one 3D volume, got shape {tuple(data.shape)} "
+                              "(time series / vector images are not supported)")
+    return data.reshape(data.shape[:3] + (1,) * (3 - min(data.ndim, 3)))
+
+
+def header_zooms(header: Any) -> np.ndarray:
+    """(3,) voxel sizes of a NIfTI header's first three axes (1 for an axis it lacks)."""
+    zooms = np.asarray(header.get_zooms()[:3], np.float64)
+    return np.concatenate([zooms, np.ones(3 - zooms.size)])
+
+
 def volume_to_dhw(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stored NIfTI voxels (X, Y, Z) -> (D, H, W) = (z, y, x) in LPS orientation.
 
@@ -683,11 +698,7 @@ def _volume_case(path: Path, data: np.ndarray, affine: np.ndarray, header: Any,
     if data.dtype == np.bool_ or not np.issubdtype(data.dtype, np.number):
         raise ImageDtypeError(f"{where}: voxel type {data.dtype} is not a scalar intensity "
                               "(RGB / complex NIfTI volumes are not supported)")
-    # Extra axes are allowed only when singleton (e.g. (X, Y, Z, 1), or a 2D (X, Y) image).
-    if data.ndim > 3 and any(n != 1 for n in data.shape[3:]):
-        raise ImageShapeError(f"{where}: a NIfTI case must be one 3D volume, got shape "
-                              f"{file_shape} (time series / vector images are not supported)")
-    volume = data.reshape(data.shape[:3] + (1,) * (3 - min(data.ndim, 3)))
+    volume = three_axes(data, where)
     if np.issubdtype(volume.dtype, np.floating) and not np.all(np.isfinite(volume)):
         bad = int(np.count_nonzero(~np.isfinite(volume)))
         raise NonFiniteImageError(f"{where}: volume has {bad} NaN or infinite voxel(s)")
@@ -716,8 +727,7 @@ def _volume_case(path: Path, data: np.ndarray, affine: np.ndarray, header: Any,
             "inclusive voxel indices)")
     boxes = boxes_voxel_to_dhw(voxel_boxes, volume.shape, file_to_lps)
 
-    zooms = np.asarray(header.get_zooms()[:3], np.float64)
-    zooms = np.concatenate([zooms, np.ones(3 - zooms.size)])
+    zooms = header_zooms(header)
     spacing = np.empty(3)
     for stored_axis in range(3):     # (x, y, z) = the LPS axes the stored axes went to
         spacing[int(file_to_lps[stored_axis, 0])] = zooms[stored_axis]

@@ -20,11 +20,11 @@ series folder or convert them to NIfTI.
 3D (a series folder)
 --------------------
 Every non-hidden file in the folder whose name ends in ``.dcm`` or that carries the DICOM
-preamble (``DICM`` at byte 128; PACS exports often have no extension) and holds pixel data is
-a slice (a DICOMDIR or a structured report in the folder is skipped). The slices
-must share one SeriesInstanceUID, image size, orientation and pixel spacing, and lie at distinct
-positions with even spacing (within 1 %; an uneven stack has no single voxel grid). They are
-ordered by their position along the slice normal (ImagePositionPatient projected on
+preamble (``DICM`` at byte 128; PACS exports often have no extension) and describes an image
+(Rows and Columns) is a slice (a DICOMDIR or a structured report in the folder is skipped). The
+slices must share one SeriesInstanceUID, image size, orientation and pixel spacing, and lie at
+distinct positions with even spacing (within 1 %; an uneven stack has no single voxel grid).
+They are ordered by their position along the slice normal (ImagePositionPatient projected on
 row x column direction), not by file name or InstanceNumber. The series is read as a voxel
 grid (i = column, j = row, k = slice in that order) with the scanner-space affine the DICOM
 geometry defines, converted from DICOM's LPS to NIfTI's RAS. From there it is a NIfTI case
@@ -287,17 +287,12 @@ def read_dicom_series(folder: str | os.PathLike) -> DicomSeries:
 
     # float32 holds every HU exactly at half float64's memory (a 512 x 512 x 300 CT: 315 MB);
     # slices are converted one at a time, each with its own rescale.
-    volume = None
+    # Every slice has the checked (Rows, Columns): pydicom decodes a single frame to that shape.
+    volume = np.empty((len(order), int(datasets[0].Rows), int(datasets[0].Columns)), np.float32)
     for position, index in enumerate(order):
         path = files[int(index)]
         dataset = _read_dataset(path)
-        values = _modality_values(dataset, _pixels(dataset, path))
-        if volume is None:
-            volume = np.empty((len(order),) + values.shape, np.float32)
-        if values.shape != volume.shape[1:]:
-            raise cases.ImageShapeError(f"{path}: pixel data of shape {values.shape}, not the "
-                                        f"series' {volume.shape[1:]}")
-        volume[position] = values
+        volume[position] = _modality_values(dataset, _pixels(dataset, path))
     # (k, rows, cols) -> (i, j, k), a view: an axial series goes back to (k, rows, cols) when
     # the case is laid out as (D, H, W), without a copy.
     return DicomSeries(volume=volume.transpose(2, 1, 0), affine=_LPS_TO_RAS @ lps,
