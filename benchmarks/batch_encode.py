@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rep_medsam_jax.predictor.onnx_backend import OnnxBackend  # noqa: E402
+from record import add_out_argument, out_from_argv, recorded_output  # noqa: E402
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    add_out_argument(parser, "batch_encode")
     args = parser.parse_args()
 
     export = Path(args.export_dir)
@@ -66,4 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_output(out_from_argv("batch_encode")):
+        main()

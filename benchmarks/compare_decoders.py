@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rep_medsam_jax.predictor.onnx_backend import session_options  # noqa: E402
+from record import add_out_argument, out_from_argv, recorded_output  # noqa: E402
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--repeats", type=int, default=7)
+    add_out_argument(parser, "compare_decoders")
     args = parser.parse_args()
 
     import onnx
@@ -65,4 +67,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_output(out_from_argv("compare_decoders")):
+        main()

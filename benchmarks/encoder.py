@@ -25,6 +25,7 @@ import numpy as np
 from rep_medsam_jax.models.config import REPVIT_VARIANTS
 from rep_medsam_jax.models.folding import fold
 from rep_medsam_jax.models.repvit import RepViT, count_params, init_repvit
+from record import add_out_argument, out_from_argv, recorded_output
 
 
 def _randomize_batchnorm(variables: dict, seed: int) -> dict:
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
+    add_out_argument(parser, "encoder")
     args = parser.parse_args()
 
     config = REPVIT_VARIANTS[args.variant]
@@ -96,4 +98,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_output(out_from_argv("encoder")):
+        main()

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from predict import _python, micro_torch, prepare  # noqa: E402
+from record import add_out_argument, out_from_argv, recorded_output  # noqa: E402
 
 # (M, K, N): the encoder's 1x1 convolutions at 64 x 64 as products (4096 pixels), the stage-1
 # ones at 256 x 256, and a large square product (MLAS's best case).
@@ -128,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(ROOT / "work_dirs" / "bench_predict"))
     parser.add_argument("--repeats", type=int, default=10)
+    add_out_argument(parser, "encoder_bound")
     args = parser.parse_args()
     paths = prepare(Path(args.workdir))
     encoder = paths["export"] / "encoder.onnx"
@@ -196,4 +198,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_output(out_from_argv("encoder_bound")):
+        main()

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rep_medsam_jax.export import graph_passes, onnx_export  # noqa: E402
 from rep_medsam_jax.predictor.onnx_backend import session_options  # noqa: E402
+from record import add_out_argument, out_from_argv, recorded_output  # noqa: E402
 
 
 def graphs(model_dir: str) -> dict:
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    add_out_argument(parser, "encoder_rewrites")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -92,4 +94,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_output(out_from_argv("encoder_rewrites")):
+        main()

@@ -36,6 +36,7 @@ from rep_medsam_jax.convert.checkpoints import convert_state_dict  # noqa: E402
 from rep_medsam_jax.models.config import REPVIT_VARIANTS  # noqa: E402
 from rep_medsam_jax.models.folding import fold  # noqa: E402
 from rep_medsam_jax.models.medsam_lite import build_model  # noqa: E402
+from record import add_out_argument, resolve_out, write_json  # noqa: E402
 
 
 def _inputs(n_boxes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +90,7 @@ def _compare(name, logits, iou, ref_logits, ref_iou) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--boxes", type=int, default=4)
-    parser.add_argument("--json")
+    add_out_argument(parser, "gpu_parity", ".json", flag="--json")
     args = parser.parse_args()
 
     import torch
@@ -127,8 +128,7 @@ def main() -> None:
         rows.append(_compare(f"jax {default.platform} folded precision={precision or 'default'}",
                              *jax_outputs(folded_config, folded, image, boxes, default,
                                           precision), ref_logits, ref_iou))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_json(resolve_out(args.json, "gpu_parity", ".json"), rows)
 
 
 if __name__ == "__main__":

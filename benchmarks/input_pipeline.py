@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Imported while this folder is still on the path (it is dropped just below).
+from record import add_out_argument, out_from_argv, recorded_output
+
 # This script is named like the package it measures: drop its own folder from the import path,
 # so that `import input_pipeline` finds the package, not this file.
 _HERE = Path(__file__).resolve().parent
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=(0, 2))
     parser.add_argument("--step-batch", type=int, default=2)
     parser.add_argument("--skip-step", action="store_true")
+    add_out_argument(parser, "input_pipeline")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,4 +195,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_output(out_from_argv("input_pipeline")):
+        main()

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from record import add_out_argument, out_from_argv, recorded_output
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {  # name: (kind, shape, number of boxes)
@@ -206,6 +208,7 @@ def main() -> None:
                         help="3D cases with several boxes also through the original "
                              "(paper-timed) reference script, which encodes each slice again "
                              "for every box")
+    add_out_argument(parser, "predict")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -315,4 +318,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_output(out_from_argv("predict")):
+        main()

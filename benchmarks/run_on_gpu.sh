@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md in one run (about 8 minutes on one H100), on a machine
 # whose python3 has CUDA builds of JAX and PyTorch but maybe other flax/optax versions:
-#     WHEELS=.whl OUT=gpu_out bash benchmarks/run_on_gpu.sh
+#     WHEELS=.whl bash benchmarks/run_on_gpu.sh
 # WHEELS (optional): a folder of wheels to put first on the path (this project's pinned flax,
-# optax and segment-anything 1.0). Results: $OUT/gpu_parity.json, $OUT/train_step_gpu.json.
+# optax and segment-anything 1.0). Results: $OUT/gpu_parity.json, $OUT/train_step_gpu.json
+# (OUT defaults to benchmarks/results/gpu-<UTC time>).
 set -u
-OUT=${OUT:-gpu_out}
+OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%MZ)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from predict import prepare  # noqa: E402
+from record import add_out_argument, out_from_argv, recorded_output  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -44,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(ROOT / "work_dirs" / "bench_predict"))
     parser.add_argument("--rounds", type=int, default=15)
+    add_out_argument(parser, "torch_onnx_encoder")
     args = parser.parse_args()
     paths = prepare(Path(args.workdir))
 
@@ -110,4 +112,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded_output(out_from_argv("torch_onnx_encoder")):
+        main()

@@ -46,6 +46,7 @@ from rep_medsam_jax.models.config import MODEL_PRESETS, REPVIT_VARIANTS  # noqa:
 from rep_medsam_jax.models.medsam_lite import build_model, init_variables  # noqa: E402
 from rep_medsam_jax.training import optim  # noqa: E402
 from rep_medsam_jax.training import steps as steps_lib  # noqa: E402
+from record import add_out_argument, resolve_out, write_json  # noqa: E402
 
 
 def _batch(batch: int, size: int, grid: int, channels: int, seed: int = 0) -> dict:
@@ -227,7 +228,7 @@ def main() -> None:
                         choices=["float32", "bfloat16"])
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-jax", action="store_true")
-    parser.add_argument("--json", help="also write the rows to this file")
+    add_out_argument(parser, "train_step", ".json", flag="--json")
     args = parser.parse_args()
 
     import dataclasses
@@ -260,8 +261,7 @@ def main() -> None:
                 rows.append(bench_torch(kind, dtype, args, batch))
                 print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_json(resolve_out(args.json, "train_step", ".json"), rows)
 
 
 if __name__ == "__main__":
