@@ -1,6 +1,6 @@
 """How fast can an fp32 encoder run on this CPU at all? A lower bound, beside the measured ones.
 
-The Rep-MedSAM encoder is convolutions: 31.1 GMAC at 256 x 256 (SPEC §1.2), counted here from
+The Rep-MedSAM encoder is convolutions: 31.1 GMAC at 256 x 256 (BatchNorm folded), counted here from
 the exported graph. No fp32 implementation can run them faster than this machine's peak fp32
 multiply-add rate, so ``conv FLOPs / peak rate`` bounds the encoder's latency from below, even
 with every other operator free. The peak is estimated by the best rate seen here, which the
@@ -14,7 +14,7 @@ GFLOP/s, 96 % of 2 cores x 32 fp32 FLOP/cycle at 3.7 GHz). This script measures,
 3. the folded PyTorch reference encoder and decoder (1 box), as in benchmarks/predict.py;
 
 and prints the bound, at the best rate seen (a product, or a group of the encoder's own
-convolutions of at least 1 GFLOP), as a fraction of PyTorch's encoder, against issue 3's
+convolutions of at least 1 GFLOP), as a fraction of PyTorch's encoder, against two
 targets (fp32 encoder at or below 0.55x PyTorch; 3D cases at or below 0.3x the reference
 pipeline, whose time per slice is at least PyTorch's encoder + one decoder call).
 

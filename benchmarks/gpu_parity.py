@@ -1,10 +1,10 @@
 """Parity on an accelerator: the converted full-size Rep-MedSAM in JAX on the default device
 (a GPU where JAX has one) against the PyTorch reference model with the same weights.
 
-    python benchmarks/gpu_parity.py [--boxes 4] [--json out.json]
+    python benchmarks/gpu_parity.py [--boxes 4] [--json FILE]
 
-A randomly initialised PyTorch reference (``tests/reference/medsam_lite_torch.py``: SPEC §1
-RepViT + segment-anything's heads, non-trivial BatchNorm statistics) is converted with
+A randomly initialised PyTorch reference (``tests/reference/medsam_lite_torch.py``:
+Rep-MedSAM's RepViT + segment-anything's heads, non-trivial BatchNorm statistics) is converted with
 ``convert_state_dict``; one 256 x 256 image and ``--boxes`` boxes go through
 
 * PyTorch float32 on the CPU (the reference), and on CUDA if torch has it;

@@ -1,9 +1,8 @@
 """Our exported encoder against the PyTorch user's own ONNX path, side by side.
 
-Issue 3 orients its fp32 target by "a torch-to-onnxruntime export" of the authors' folded
-encoder (about 0.61x PyTorch on the issue writer's machine). This script builds that peer from
-the same weights: the folded PyTorch reference encoder (tests/reference) exported with
-``torch.onnx.export`` (the TorchScript exporter, opset 17, constant folding on, as a PyTorch
+A PyTorch user who wants onnxruntime exports the authors' folded encoder with torch.onnx.
+This script builds that peer from the same weights: the folded PyTorch reference encoder
+(tests/reference) exported with ``torch.onnx.export`` (the TorchScript exporter, opset 17, constant folding on, as a PyTorch
 user would), and runs it in onnxruntime with the predictor's session options, interleaved with
 our ``encoder.onnx`` (and ``encoder_int8.onnx`` when present) and with PyTorch itself, in one
 process:

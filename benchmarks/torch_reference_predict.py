@@ -1,9 +1,10 @@
 """The PyTorch reference pipeline as one process per run, for whole-case timing.
 
-Mirrors what a challenge container does (SPEC §7, §9.2): import torch, build the unfused model,
-load the checkpoint, fuse the encoder, then segment every case of a folder (2D / 3D by name)
-and write ``segs`` npz files. The model and procedures are the test references
-(tests/reference/medsam_lite_torch.py), written from the SPEC.
+Mirrors what a challenge container does (``CVPR24_LiteMedSAM_infer.py`` run by its
+``predict.sh``, timed per case by ``CVPR24_time_eval.py``): import torch, build the unfused
+model, load the checkpoint, fuse the encoder, then segment every case of a folder (2D / 3D by
+name) and write ``segs`` npz files. The model and procedures are the test references
+(tests/reference/medsam_lite_torch.py), written from the authors' code.
 
     python benchmarks/torch_reference_predict.py -i IN -o OUT --checkpoint rep_medsam.pth
 """
@@ -24,7 +25,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--original-script", action="store_true",
                         help="3D as the original, paper-timed script: every slice encoded again "
-                             "for each box (SPEC §7.3), instead of the updated script's cache")
+                             "for each box (baseline_infer.py), instead of the updated script's "
+                             "cache")
     args = parser.parse_args()
 
     import numpy as np

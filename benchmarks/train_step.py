@@ -2,13 +2,13 @@
 model (batch 16, 256 x 256), float32 vs bfloat16 compute, and a PyTorch step of the same maths.
 
     python benchmarks/train_step.py [--batch 16] [--size 256] [--steps 5] [--warmup 2]
-        [--kinds distill seg] [--dtypes float32 bfloat16] [--no-torch] [--json out.json]
+        [--kinds distill seg] [--dtypes float32 bfloat16] [--no-torch] [--json FILE]
 
 JAX side: ``training.steps`` jitted with the state donated, on the default backend (a GPU if
 JAX has one), AdamW + the reference's percentile clipping; distillation from a cached (random)
 teacher embedding with the heads frozen; segmentation with the reference's squared loss.
 PyTorch side (if torch is installed): the reference model of the tests
-(``tests/reference/medsam_lite_torch.py``: our SPEC §1 RepViT + segment-anything's prompt
+(``tests/reference/medsam_lite_torch.py``: Rep-MedSAM's RepViT + segment-anything's prompt
 encoder and mask decoder) in train mode, the same losses, AdamW and percentile clipping, on CUDA
 if torch has it, else the CPU; bfloat16 via ``torch.autocast``. SAM 1.0's mask decoder repeats
 every image embedding once per box; LiteMedSAM's training copy skips that when there is one box

@@ -1,7 +1,7 @@
 """One case -> its 2D training examples at S x S (S = 256), with the shared preprocessing.
 
 Each axial slice with foreground (a 2D case is one slice) is turned into the student's input by
-the same functions inference uses (:mod:`rep_medsam_jax.preprocess`, SPEC §6.4): repeated to three
+the same functions inference uses (:mod:`rep_medsam_jax.preprocess`): repeated to three
 channels, its longest side resized to S with OpenCV INTER_AREA (sizes rounded int(x + 0.5)).
 That resized **uint8** image is stored zero-padded to S x S together with its valid extent
 ``image_hw = (newh, neww)``; :func:`student_image` later min-max normalises the valid region and
@@ -123,7 +123,7 @@ def student_image(image: np.ndarray, image_hw: np.ndarray) -> np.ndarray:
     """Stored (S, S, 3) uint8 + valid (newh, neww) -> (S, S, 3) float32 student input.
 
     Min-max over the valid region only, then zero padding: identical to
-    ``preprocess_image(original slice)`` (SPEC §6.4 steps 3-5).
+    ``preprocess_image(original slice)``.
     """
     newh, neww = int(image_hw[0]), int(image_hw[1])
     return pad_to_square(normalize_minmax(image[:newh, :neww]), image.shape[0])

@@ -5,7 +5,7 @@ blobs, no two touching) with intensities distinct from their surroundings plus n
 can learn them, in six looks:
 
 * ``CT``: HU-like values (air, a body with a fat rim, objects brighter or darker than soft
-  tissue), noise, windowed to uint8 with level 40 / width 400 (SPEC §6.2).
+  tissue), noise, windowed to uint8 with level 40 / width 400 (``pre_CT_MR.py``'s defaults).
 * ``MR``: grey, a smooth multiplicative bias field, Rician noise, 0.5/99.5 percentile clipping.
 * ``US``: speckle (Rayleigh multiplicative noise), log compression, hypo-/hyperechoic objects.
 * ``Endoscopy``: RGB pink tissue with texture, vignetting, a circular field of view, shaded
@@ -16,10 +16,10 @@ can learn them, in six looks:
 
 3D cases exist for CT and MR (anisotropic voxels: z spacing 1.5 to 3 times the in-plane one).
 
-Conventions follow SPEC §6.1: 2D ``imgs`` (H, W, 3) uint8, 3D ``imgs`` (D, H, W) uint8; ground
-truth ``gts`` with labels 1..K in box order; boxes are the tight bounding boxes of the labels in
-inclusive pixel indices, [x_min, y_min, x_max, y_max] / [x_min, y_min, z_min, x_max, y_max,
-z_max] (optionally enlarged in-plane by a random 0..``box_jitter`` pixels per side, never shrunk,
+Conventions follow the challenge's npz files: 2D ``imgs`` (H, W, 3) uint8, 3D ``imgs``
+(D, H, W) uint8; ground truth ``gts`` with labels 1..K in box order; boxes are the tight
+bounding boxes of the labels in inclusive pixel indices, [x_min, y_min, x_max, y_max] /
+[x_min, y_min, z_min, x_max, y_max, z_max] (optionally enlarged in-plane by a random 0..``box_jitter`` pixels per side, never shrunk,
 so a box always contains its object); 3D ``spacing`` is (x, y, z) as in the challenge files.
 
 Everything is a pure function of a ``numpy.random.Generator``; :func:`write_phantom_dataset`
@@ -169,7 +169,7 @@ def _place_objects(rng: np.random.Generator, allowed: np.ndarray, count: int,
 
 def boxes_from_labels(labels: np.ndarray, rng: np.random.Generator | None = None,
                       box_jitter: int = 0) -> np.ndarray:
-    """Tight bounding boxes of labels 1..K, in label order (SPEC §6.1 layouts).
+    """Tight bounding boxes of labels 1..K, in label order (the challenge's box layouts).
 
     labels: (H, W) -> (K, 4) [x_min, y_min, x_max, y_max]; (D, H, W) -> (K, 6) [x_min, y_min,
     z_min, x_max, y_max, z_max]; inclusive pixel indices, int64. With box_jitter > 0 each in-plane
@@ -423,7 +423,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 def save_challenge_case(inputs_dir: str | os.PathLike, gts_dir: str | os.PathLike, name: str,
                         case: PhantomCase2D | PhantomCase3D) -> None:
     """Write ``<name>.npz`` with imgs / boxes (/ spacing) to inputs_dir and with gts
-    (/ spacing) to gts_dir (SPEC §6.1)."""
+    (/ spacing) to gts_dir (the challenge's layout)."""
     extra = {"spacing": case.spacing} if isinstance(case, PhantomCase3D) else {}
     _save_npz(Path(inputs_dir) / f"{name}.npz", imgs=case.imgs, boxes=case.boxes, **extra)
     _save_npz(Path(gts_dir) / f"{name}.npz", gts=case.gts, **extra)

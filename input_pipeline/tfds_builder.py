@@ -1,9 +1,9 @@
 """A tensorflow-datasets builder: a folder of cases -> 2D training examples, split by case.
 
 Reading the result needs no TensorFlow: the files are ``array_record`` and every feature is a
-``Tensor`` / ``Scalar`` / ``Text`` (TOOLCHAIN.md). Read with
-``tfds.builder_from_directory(dataset_dir).as_data_source(split)`` (random access) or through
-:mod:`input_pipeline.loader`.
+``Tensor`` / ``Scalar`` / ``Text`` (an ``Image`` feature or tfrecord files would need
+TensorFlow). Read with ``tfds.builder_from_directory(dataset_dir).as_data_source(split)``
+(random access) or through :mod:`input_pipeline.loader`.
 
 Example features (S = ``image_size``, 256 by default):
 

@@ -155,8 +155,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="DSC and NSD of predictions against ground truth",
-                       description="The challenge metrics (SPEC §9.1): per case DSC and NSD "
-                                   "(tolerance 2, NSD only when DSC > 0.2).")
+                       description="The challenge metrics (compute_metrics.py): per case DSC and "
+                                   "NSD (tolerance 2, NSD only when DSC > 0.2).")
     p.add_argument("--pred", required=True,
                    help="folder of predictions (.npz key segs, .nii.gz, .png), named as the GT")
     p.add_argument("--gt", required=True,

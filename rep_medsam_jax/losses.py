@@ -1,6 +1,6 @@
-"""Training losses (SPEC §8): pure functions on arrays, float32 results.
+"""Training losses of Rep-MedSAM and LiteMedSAM: pure functions on arrays, float32 results.
 
-Segmentation (Rep-MedSAM ``train_one_gpu.py``, SPEC §8.2), for logits (B, H, W) and binary
+Segmentation (Rep-MedSAM ``train_one_gpu.py``), for logits (B, H, W) and binary
 masks (B, H, W):
 
 * Dice: MONAI ``DiceLoss(sigmoid=True, squared_pred=True)``, per sample
@@ -14,8 +14,8 @@ The reference sums the three terms *squared* (``Dice^2 + BCE^2 + IoU_MSE^2``); i
 used ``1.15 Dice + 1.0 BCE + 0.85 IoU_MSE`` and LiteMedSAM the plain sum. :class:`SegLossWeights`
 covers all three (``squared=True`` with unit weights is the authors' shipped choice).
 
-Distillation (SPEC §8.1): mean squared error over every element of the student and teacher
-embeddings.
+Distillation (the evident intent of ``train_one_gpu.py -distillation True``): mean squared
+error over every element of the student and teacher embeddings.
 
 Optional per-example weights (B,) let a padded evaluation batch ignore its padding: every
 batch mean is then ``sum(w * per_example) / sum(w)``.
@@ -41,7 +41,7 @@ class SegLossWeights:
     squared: bool = True
 
 
-# The authors' shipped loss, their first commit's, and LiteMedSAM's (SPEC §8.2 / §8.3).
+# The authors' shipped loss, their first commit's, and LiteMedSAM's ``train_one_gpu.py``.
 REFERENCE_SQUARED = SegLossWeights(1.0, 1.0, 1.0, squared=True)
 FIRST_COMMIT_WEIGHTED = SegLossWeights(1.15, 1.0, 0.85, squared=False)
 PLAIN_SUM = SegLossWeights(1.0, 1.0, 1.0, squared=False)

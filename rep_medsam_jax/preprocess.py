@@ -2,7 +2,7 @@
 
 No JAX here: the CPU deploy path imports this module.
 
-One slice, two model inputs (SPEC §4, §6.4):
+One slice, two model inputs (``CVPR24_LiteMedSAM_infer.py``; MedSAM's ``MedSAM_Inference.py``):
 
 * Student (Rep-MedSAM, 256): the uint8 slice (grey slices repeated to 3 channels) is
   resized so its longest side is 256, keeping the aspect ratio (OpenCV INTER_AREA, sizes
@@ -78,7 +78,7 @@ def to_three_channels(image: np.ndarray) -> np.ndarray:
 
 
 def preprocess_image(image: np.ndarray, size: int = STUDENT_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
-    """Student input for one image or slice (SPEC §6.4 steps 1-5, NHWC without batch).
+    """Student input for one image or slice (``CVPR24_LiteMedSAM_infer.py``; NHWC, no batch).
 
     image: (H, W, 3) or (H, W) uint8.
     Returns ((size, size, 3) float32 in [0, 1], (newh, neww)), the second being the
@@ -103,9 +103,9 @@ def scale_boxes_to_256(boxes: np.ndarray, original_hw: tuple[int, int],
 def get_bbox256(mask256: np.ndarray, expand: int = 3, upper: int = STUDENT_SIZE - 1) -> np.ndarray:
     """Box [x_min, y_min, x_max, y_max] (int64) around the non-zero pixels of a 2-D mask.
 
-    Used by 3D propagation (SPEC §7.3): the previous slice's mask, resized and padded to
-    256x256, gives the next slice's box, widened by `expand` pixels on every side and
-    clipped to [0, upper]. The reference clips to 256 (one past the last pixel); the
+    Used by 3D propagation (``CVPR24_LiteMedSAM_infer.py``): the previous slice's mask,
+    resized and padded to 256x256, gives the next slice's box, widened by `expand` pixels on
+    every side and clipped to [0, upper]. The reference clips to 256 (one past the last pixel); the
     default 255 keeps the box on the image. Pass upper=256 to reproduce the reference.
     Raises ValueError for an empty mask (the caller falls back to the middle-slice box).
     """
@@ -121,7 +121,7 @@ def get_bbox256(mask256: np.ndarray, expand: int = 3, upper: int = STUDENT_SIZE 
 
 
 # ---------------------------------------------------------------------------
-# Building npz files from raw volumes (SPEC §6.2)
+# Building npz files from raw volumes (Rep-MedSAM's ``pre_CT_MR.py``)
 # ---------------------------------------------------------------------------
 
 
@@ -184,7 +184,7 @@ def percentile_to_uint8(volume: np.ndarray,
 def teacher_input(image: np.ndarray, size: int = TEACHER_SIZE, keep_aspect: bool = False) -> np.ndarray:
     """Teacher (MedSAM ViT-B) input for one slice: (H, W) or (H, W, 3) uint8 -> (size, size, 3) float32.
 
-    keep_aspect=False (reference, SPEC §4): resize straight to size x size (scikit-image
+    keep_aspect=False (MedSAM's preprocessing): resize straight to size x size (scikit-image
     order 3, anti-aliased, range preserved), then min-max to [0, 1].
     keep_aspect=True: resize the longest side to `size` (same interpolation, sizes rounded
     int(x + 0.5)), min-max, zero-pad bottom/right, so the teacher's 64x64 embedding grid

@@ -1,1 +1,1 @@
-"""PyTorch checkpoints -> Flax variables. Each module maps one layout (SPEC §5)."""
+"""PyTorch checkpoints -> Flax variables. Each module maps one layout."""

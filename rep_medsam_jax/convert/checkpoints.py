@@ -1,6 +1,6 @@
 """PyTorch checkpoints of MedSAM, LiteMedSAM and Rep-MedSAM -> (ModelConfig, variables).
 
-Three layouts (SPEC §5):
+Three layouts (all ``torch.save`` state dicts):
 
 * ``medsam``: SAM's key layout with a ViT-B image encoder (``image_encoder.patch_embed...``);
 * ``litemedsam``: TinyViT encoder (``image_encoder.patch_embed.seq...``). Its prompt encoder and
@@ -24,7 +24,7 @@ from rep_medsam_jax.models.config import (MODEL_PRESETS, REPVIT_VARIANTS, VIT_VA
 
 KINDS = ("medsam", "litemedsam", "rep-medsam")
 
-# One key that only each layout has (SPEC §5.1-5.3).
+# One key that only each layout has.
 _SIGNATURES = {
     "medsam": "image_encoder.patch_embed.proj.weight",
     "litemedsam": "image_encoder.patch_embed.seq.0.c.weight",

@@ -1,4 +1,5 @@
-"""Rep-MedSAM RepViT encoder: PyTorch state dict (unfused, SPEC §5.3) -> Flax training form.
+"""Rep-MedSAM RepViT encoder: PyTorch state dict (unfused, as the authors'
+code loads it) -> Flax training form.
 
 The checkpoint numbers modules as ``features.N`` (N = 0 for the stem, then one per config row)
 and ``neck.0..3``. Residual channel mixers live under ``channel_mixer.m.``; the stride-1

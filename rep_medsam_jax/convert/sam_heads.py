@@ -1,4 +1,4 @@
-"""PyTorch SAM prompt encoder / mask decoder state dicts -> Flax params (SPEC §5.3).
+"""PyTorch SAM prompt encoder / mask decoder state dicts -> Flax params.
 
 The key layout is SAM's (shared by Rep-MedSAM, LiteMedSAM and MedSAM): 17 prompt-encoder keys
 and, for the reference configuration, 120 mask-decoder keys. Every expected key is taken with

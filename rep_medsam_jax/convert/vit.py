@@ -1,4 +1,4 @@
-"""SAM / MedSAM ViT image-encoder state dict -> ViTImageEncoder variables (SPEC §5.1).
+"""SAM / MedSAM ViT image-encoder state dict -> ViTImageEncoder variables.
 
 Key layout (prefix ``image_encoder.`` in a full SAM checkpoint, none in Rep-MedSAM's
 ``MedSAM_Enc.pth``): ``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.{norm1, attn.qkv,

@@ -4,8 +4,8 @@ A configuration travels with the weights (``config.json`` in a model directory),
 shape-relevant hyper-parameter lives here and nowhere else.
 
 RepViT rows follow the reference's ``[kernel, expansion, out_channels, use_se, use_hs, stride]``
-layout (SPEC §1.1). ``use_hs`` is kept for fidelity but ignored: the reference uses GELU in both
-branches.
+layout (Rep-MedSAM's ``repvit_cfgs.py``). ``use_hs`` is kept for fidelity but ignored: the
+reference uses GELU in both branches.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 RepViTRow = tuple[int, int, int, int, int, int]
 
-# Rep-MedSAM's repvit_m1_0_cfgs (SPEC §1.2): like RepViT-M1.0 but row 23 has stride 1 and the
-# stem (below) has strides 1/1, so 256x256 inputs give a 64x64 embedding.
+# Rep-MedSAM's repvit_m1_0_cfgs (``repvit_cfgs.py``): like RepViT-M1.0 but row 23 has stride 1
+# and the stem (below) has strides 1/1, so 256x256 inputs give a 64x64 embedding.
 _M1_0_ROWS: tuple[RepViTRow, ...] = (
     (3, 2, 56, 1, 0, 1), (3, 2, 56, 0, 0, 1), (3, 2, 56, 0, 0, 1),
     (3, 2, 112, 0, 0, 2),
@@ -94,7 +94,7 @@ REPVIT_VARIANTS: dict[str, RepViTConfig] = {
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    """SAM's ViT image encoder (MedSAM's teacher), SPEC §4."""
+    """SAM's ViT image encoder (MedSAM's teacher; MedSAM ``build_sam.py`` ``vit_b``)."""
 
     name: str = "medsam_vit_b"
     img_size: int = 1024
@@ -128,7 +128,7 @@ VIT_VARIANTS: dict[str, ViTConfig] = {
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """SAM prompt encoder + mask decoder sizes (SPEC §3). Defaults are the reference's."""
+    """SAM prompt encoder + mask decoder sizes. Defaults are LiteMedSAM's and Rep-MedSAM's."""
 
     embed_dim: int = 256
     depth: int = 2

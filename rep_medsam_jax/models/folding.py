@@ -1,4 +1,5 @@
-"""BatchNorm folding (structural re-parameterisation) of the RepViT encoder, SPEC §2.
+"""BatchNorm folding (structural re-parameterisation) of the RepViT encoder: RepViT's ``fuse``
+methods, as Rep-MedSAM's ``utils.replace_batchnorm`` applies them before inference.
 
 Pure functions over arrays and variable trees. The arithmetic runs in float64 NumPy and rounds
 to float32 once at the end, so the folded weights are as close to the exact fold as float32

@@ -32,6 +32,7 @@ class LayerNorm2d(nn.Module):
 
 
 def torch_padding(kernel_size: int, padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Explicit symmetric padding as PyTorch's Conv2d does it (never 'SAME': SPEC §2 quirk 3)."""
+    """Explicit symmetric padding as PyTorch's Conv2d does it (never 'SAME', which pads a
+    stride-2 conv on an even input (0, 1) and shifts the sampling grid by a pixel)."""
     del kernel_size
     return ((padding, padding), (padding, padding))

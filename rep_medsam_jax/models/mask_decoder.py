@@ -1,4 +1,5 @@
-"""SAM's mask decoder (SPEC §3.2), NHWC inside, masks returned (N, M, 4h, 4w) as in SAM.
+"""SAM's mask decoder (segment-anything ``mask_decoder.py``), NHWC inside, masks returned
+(N, M, 4h, 4w) as in SAM.
 
 One image embedding (batch 1) can serve N prompts: it is never copied per prompt by hand; the
 image side broadcasts until the transformer's first image->token update makes it per prompt.

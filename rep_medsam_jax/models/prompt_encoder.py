@@ -1,4 +1,4 @@
-"""SAM's prompt encoder (SPEC §3.1), NHWC.
+"""SAM's prompt encoder (segment-anything ``prompt_encoder.py``), NHWC.
 
 Prompts become two embeddings for the mask decoder:
 * sparse (B, Ns, C): one token per point and two per box (its corners), each a random-Fourier

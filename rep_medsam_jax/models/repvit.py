@@ -1,5 +1,6 @@
 """Rep-MedSAM's image encoder: a RepViT (Wang et al., "RepViT: Revisiting Mobile CNN From ViT
-Perspective", CVPR 2024) with a stride-1 stem and a stride-1 last stage, plus SAM's neck (SPEC §1).
+Perspective", CVPR 2024) with a stride-1 stem and a stride-1 last stage, plus SAM's neck
+(Rep-MedSAM's ``repvit.py`` and ``repvit_cfgs.py``).
 
 Two forms of the same network, chosen by ``deploy``:
 
@@ -9,8 +10,8 @@ Two forms of the same network, chosen by ``deploy``:
   Variables: ``{"params", "batch_stats"}``. This is the form checkpoints are converted into and
   the form that trains.
 * deploy form (``deploy=True``): each ``ConvBN`` and each ``RepVGGDW`` is a single convolution
-  with bias (SPEC §2). Variables: ``{"params"}`` only; ``models.folding.fold`` maps the training
-  form's variables onto it.
+  with bias (RepViT's ``fuse``). Variables: ``{"params"}`` only; ``models.folding.fold`` maps the
+  training form's variables onto it.
 
 Everything is NHWC. Padding is explicit and symmetric, as PyTorch's (never ``'SAME'``: for a
 stride-2 conv on an even input ``'SAME'`` pads (0, 1) and shifts the sampling grid).
@@ -45,8 +46,8 @@ BN_MOMENTUM = 0.9     # Flax keeps `momentum` of the old statistic: 1 - PyTorch'
 BN_EPSILON = 1e-5
 # Train-mode BatchNorm normalises with the biased batch variance, as PyTorch does, computed in
 # two passes (use_fast_variance=False) like PyTorch rather than as E[x^2] - E[x]^2. One known
-# difference stays (SPEC §10.3): PyTorch folds the *unbiased* batch variance into running_var,
-# Flax the biased one, a relative 1/(n-1) with n = B*H*W (tested in tests/test_repvit.py).
+# difference stays (docs/differences.md): PyTorch folds the *unbiased* batch variance into
+# running_var, Flax the biased one, a relative 1/(n-1) with n = B*H*W (tests/test_repvit.py).
 
 
 # --- PyTorch-like initialisation (only matters when training from scratch) ---------------------
@@ -79,7 +80,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 def se_reduced_channels(channels: int, ratio: float = 0.25, divisor: int = 8) -> int:
     """timm's ``make_divisible(channels * ratio, 8, round_limit=0)``: no 10 % correction.
 
-    56 -> 16, 112 -> 32, 224 -> 56, 448 -> 112 (SPEC §1.3).
+    56 -> 16, 112 -> 32, 224 -> 56, 448 -> 112 (timm ``SqueezeExcite(C, 0.25)``).
     """
     return max(divisor, int(channels * ratio + divisor / 2) // divisor * divisor)
 
@@ -89,7 +90,7 @@ class BlockSpec:
     """One RepViT block, derived from a config row.
 
     ``kind`` is "downsample" (stride 2), "identity" (stride 1, in == out; residual channel mixer)
-    or "transition" (stride 1, in != out; channel mixer WITHOUT residual, SPEC §1.3).
+    or "transition" (stride 1, in != out; channel mixer WITHOUT residual, as RepViT builds it).
     ``stage`` counts from 1; a new stage starts at every block that changes stride or width.
     """
 
@@ -237,7 +238,8 @@ class ChannelMixer(nn.Module):
 
 
 class RepViTBlock(nn.Module):
-    """Token mixer (spatial, depthwise) then channel mixer; no outer skip (SPEC §1.3).
+    """Token mixer (spatial, depthwise) then channel mixer; no outer skip (RepViT's
+    ``RepViTBlock``).
 
     x: (B, H, W, in) -> (B, H / stride, W / stride, out).
     """

@@ -1,4 +1,5 @@
-"""SAM's two-way transformer (SPEC §3.3): prompt tokens and image tokens attend to each other.
+"""SAM's two-way transformer (segment-anything ``transformer.py``): prompt tokens and image
+tokens attend to each other.
 
 Shapes are (B, N, C) token sequences. Image-side inputs may have batch 1 while the prompt
 tokens have batch N (one image, many boxes): the image-side work before the first image->token

@@ -1,4 +1,4 @@
-"""SAM's ViT image encoder: MedSAM's ViT-B teacher (SPEC §4).
+"""SAM's ViT image encoder: MedSAM's ViT-B teacher (segment-anything ``image_encoder.py``).
 
 Input (B, img, img, 3) in [0, 1] (MedSAM does no mean/std normalisation) -> embedding
 (B, img/16, img/16, out_chans). The layer sequence is SAM's ImageEncoderViT:
@@ -152,7 +152,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, _ = x.shape
         head_dim = self.dim // self.num_heads
-        # The 3*dim outputs are [q | k | v], each split into contiguous heads (SPEC §4).
+        # The 3*dim outputs are [q | k | v], each split into contiguous heads, as in SAM.
         qkv = nn.Dense(3 * self.dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
         qkv = qkv.reshape(batch, height, width, 3, self.num_heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (B, h, w, n, d)
@@ -258,7 +258,7 @@ class Neck(nn.Module):
 
 
 class ViTImageEncoder(nn.Module):
-    """SAM / MedSAM ViT image encoder (SPEC §4).
+    """SAM / MedSAM ViT image encoder (segment-anything ``ImageEncoderViT``).
 
     __call__(x: (B, img, img, 3) in [0, 1], train=False) ->
         (embedding (B, img/p, img/p, out_chans) float32,
