@@ -352,10 +352,10 @@ def fuse_layer_norms(model) -> int:
     (:func:`_match_layer_norm`) by one ONNX ``LayerNormalization`` node over the last axis.
 
     onnxruntime's own fusion does not recognise jax2onnx's form (a reciprocal square root,
-    the scale multiplied in before or after the centred values), so the decoder made about
-    eight passes over each tensor it normalised (full-size decoder: 0.91x the time for 1 box,
+    the scale multiplied in before or after the centred values), so without this pass the
+    decoder makes about eight passes over each tensor it normalises (full-size decoder: 0.91x the time for 1 box,
     0.85x for 16; docs/benchmarks.md). Not bit-exact, as the kernel rounds in its own order:
-    against a float64 LayerNorm of 256 channels its error was 6e-7 for centred inputs and
+    against a float64 LayerNorm of 256 channels its error is 6e-7 for centred inputs and
     4e-6 with a mean 100x the spread (the two-pass float32 form: 5e-7, 1e-5); the exporter
     verifies the result against JAX as for any model. Returns the number of LayerNorms fused.
     """
