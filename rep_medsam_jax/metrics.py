@@ -348,8 +348,8 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
 
     Returns rows {"case": file name, "dsc", "nsd"} (rounded to 4 decimals, sorted by file
     name) and writes them to `out_csv` atomically (a reader never sees a half-written file).
-    A missing prediction scores DSC 0 / NSD 0 with a warning. A prediction whose shape (or, for NIfTI, affine) differs from the GT raises ValueError
-    naming the case.
+    A missing prediction scores DSC 0 / NSD 0 with a warning. A prediction whose shape (or, for
+    NIfTI, affine) differs from the GT raises ValueError naming the case.
     """
     pred_dir, gt_dir, out_csv = Path(pred_dir), Path(gt_dir), Path(out_csv)
     rows = []

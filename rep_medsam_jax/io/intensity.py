@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from rep_medsam_jax.io.errors import ImageDtypeError, ImageShapeError, NonFiniteImageError
-from rep_medsam_jax.preprocess import (DEFAULT_CT_WINDOW, PERCENTILES,  # noqa: F401
-                                       min_max_to_uint8, percentile_to_uint8, window_ct)
+from rep_medsam_jax.preprocess import (DEFAULT_CT_WINDOW, min_max_to_uint8,  # noqa: F401
+                                       percentile_to_uint8, window_ct)
 
 # Air is -1000 HU; other modalities are rarely this negative. Below it, a volume read without
 # a modality gets a note suggesting CT windowing (never a silent change of rule).
