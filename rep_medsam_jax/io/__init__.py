@@ -12,7 +12,7 @@ array everywhere:
 * :mod:`.errors` the :class:`CaseError` family; :mod:`.atomic` writes that never leave half a
   file; :mod:`.formats` suffixes and case names.
 
-NumPy, nibabel, OpenCV and pydicom only (the last three imported when first needed): never JAX.
+NumPy, OpenCV, nibabel and pydicom only (the last two imported when first needed): never JAX.
 """
 
 from rep_medsam_jax.io.atomic import atomic_write, write_bytes_atomic, write_text_atomic

@@ -28,7 +28,7 @@ and DICOM inputs). Label maps are uint8, uint16 when a label is >= 256. Writes a
 (:mod:`~rep_medsam_jax.io.atomic`).
 
 Every problem with one case raises a :class:`~rep_medsam_jax.io.errors.CaseError`. NumPy,
-nibabel, OpenCV and pydicom only (the last three imported when first needed): never JAX.
+OpenCV, nibabel and pydicom only (the last two imported when first needed): never JAX.
 """
 
 from __future__ import annotations
