@@ -27,12 +27,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rep_medsam_jax.export import graph_passes, onnx_export  # noqa: E402
+from rep_medsam_jax.model_dir import load_model_dir  # noqa: E402
+from rep_medsam_jax.models.deploy import deployed_functions  # noqa: E402
 from rep_medsam_jax.predictor.onnx_backend import session_options  # noqa: E402
 from record import add_out_argument, out_from_argv, recorded_output  # noqa: E402
 
 
 def graphs(model_dir: str) -> dict:
-    config, encode, _ = onnx_export.deployed_functions(model_dir)
+    config, encode, _ = deployed_functions(*load_model_dir(model_dir))
     size = config.image_size
     raw = onnx_export.encoder_to_onnx(encode, size)
     no_expand = copy.deepcopy(raw)

@@ -32,6 +32,7 @@ import numpy as np
 
 from input_pipeline.augment import NO_AUGMENT, AugmentConfig, augment_example
 from input_pipeline.examples import student_image
+from input_pipeline.grain_workers import allow_worker_processes
 from input_pipeline.tfds_builder import open_split
 
 
@@ -106,16 +107,6 @@ class Augment(grain.transforms.RandomMap):
         return augment_example(element, rng, self.config)
 
 
-def _allow_worker_processes() -> None:
-    """grain 0.2.18 reads an absl flag when it starts worker processes and fails if absl never
-    parsed its flags (any program that is not an absl app, pytest included). Marking them
-    parsed keeps every default; it changes nothing when an absl app already parsed them."""
-    from absl import flags  # noqa: PLC0415
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: int = 0,
                 augment: AugmentConfig | None = None, shuffle: bool = True,
                 num_epochs: int | None = None, worker_count: int = 0,
@@ -144,7 +135,7 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
     operations.append(grain.transforms.Batch(batch_size=batch_size,
                                              drop_remainder=drop_remainder))
     if worker_count > 0:
-        _allow_worker_processes()
+        allow_worker_processes()
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=worker_count, worker_buffer_size=worker_buffer_size,
                             read_options=grain.ReadOptions(num_threads=read_threads,

@@ -1,6 +1,7 @@
 """Training sources: a folder of cases -> one validated uint8 image + integer label map per case.
 
-Two formats (SPEC §6.1, §6.2):
+Two formats, both read through :mod:`rep_medsam_jax.io` (the readers, uint8 rules, sidecar and
+orientation of inference):
 
 * Challenge ``.npz``. Images under ``imgs`` ((H, W, 3) or (H, W) for 2D, (D, H, W) for 3D, uint8),
   ground truth under ``gts`` (label map of the image's spatial shape, 0 = background) either in
@@ -14,11 +15,12 @@ Two formats (SPEC §6.1, §6.2):
 * NIfTI pairs (the nnU-Net / Medical Segmentation Decathlon layout): ``ROOT/imagesTr/X.nii.gz``
   (or ``X_0000.nii.gz``; other channels are ignored) with ``ROOT/labelsTr/X.nii.gz``; the folder
   names ``images`` / ``labels`` work too. Volumes are reoriented to axial (D, H, W) slices and
-  converted to uint8 with the same rules as inference (:mod:`rep_medsam_jax.io.cases`): CT
+  converted to uint8 with the same rules as inference (:mod:`rep_medsam_jax.io.nifti`): CT
   windowing (level / width per anatomy), else 0.5 / 99.5 percentile clipping. The modality comes
-  from a per-case ``X.json`` next to the image (``{"modality": "CT", "ct_window": [40, 400]}``),
-  else ``ROOT/dataset.json`` (``"modality": {"0": "CT"}`` or ``"channel_names": {"0": "CT"}``),
-  else the caller's default.
+  from a per-case sidecar ``X.json`` next to the image (``{"modality": "CT", "ct_window": [40,
+  400]}``; the inference sidecar schema of :mod:`rep_medsam_jax.io.sidecar`, ``boxes``
+  optional), else ``ROOT/dataset.json`` (``"modality": {"0": "CT"}`` or ``"channel_names":
+  {"0": "CT"}``), else the caller's default.
 
 Every problem with one case raises a :class:`rep_medsam_jax.io.CaseError` subclass whose message
 names the file, so the dataset builder can report it and go on with the next case.
@@ -28,27 +30,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from rep_medsam_jax.io import (CaseError, CaseReadError, ImageDtypeError, ImageShapeError,
-                               MissingKeyError, NonFiniteImageError, intensities_to_uint8,
-                               three_axes, validate_boxes, volume_to_dhw)
+from rep_medsam_jax.io.boxes import validate_boxes
+from rep_medsam_jax.io.errors import CaseError, CaseReadError, LabelMapError
+from rep_medsam_jax.io.formats import NIFTI_SUFFIXES, is_3d_name
+from rep_medsam_jax.io.labels import integer_labels
+from rep_medsam_jax.io.nifti import load_nifti, model_volume, scalar_volume
+from rep_medsam_jax.io.npz import challenge_image, read_npz, require
+from rep_medsam_jax.io.orientation import three_axes, volume_to_dhw
+from rep_medsam_jax.io.sidecar import read_sidecar
 
 NIFTI_IMAGE_DIRS = ("imagesTr", "images")
 NIFTI_LABEL_DIRS = ("labelsTr", "labels")
-MAX_LABEL = 65535          # label maps are resized as uint16 (OpenCV nearest supports it)
 
 
 class MissingLabelsError(CaseError):
     """No ground truth for the case: no ``gts`` key and no matching file in ``gts/``."""
-
-
-class LabelMapError(CaseError):
-    """The label map does not fit the image (shape, geometry) or is not integer labels 0..65535."""
 
 
 class EmptyLabelsError(CaseError):
@@ -151,28 +152,6 @@ def _dataset_json_modality(root: Path) -> str | None:
     return None
 
 
-def _read_nifti_sidecar(path: Path) -> dict[str, Any]:
-    """``{"modality": str, "ct_window": [level, width]}`` from X.json, both optional."""
-    if not path.is_file():
-        return {}
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CaseReadError(f"{path}: cannot read the JSON sidecar: {err}") from None
-    if not isinstance(content, dict):
-        raise CaseReadError(f"{path}: the sidecar must be a JSON object")
-    result: dict[str, Any] = {}
-    if isinstance(content.get("modality"), str):
-        result["modality"] = content["modality"]
-    window = content.get("ct_window")
-    if window is not None:
-        if (not isinstance(window, list) or len(window) != 2
-                or not all(isinstance(v, (int, float)) for v in window) or window[1] <= 0):
-            raise CaseReadError(f"{path}: 'ct_window' must be [level, width] with width > 0")
-        result["ct_window"] = (float(window[0]), float(window[1]))
-    return result
-
-
 # --------------------------------------------------------------------------------------------
 # Discovery
 # --------------------------------------------------------------------------------------------
@@ -184,7 +163,7 @@ def _visible(paths) -> list[Path]:
 
 def _nifti_stem(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -226,10 +205,10 @@ def discover_sources(root: str | Path, *, default_modality: str | None = None,
         def label_for(stem: str) -> Path | None:
             if label_dir is None:
                 return None
-            return next((label_dir / (stem + s) for s in (".nii.gz", ".nii")
+            return next((label_dir / (stem + s) for s in NIFTI_SUFFIXES
                          if (label_dir / (stem + s)).is_file()), None)
 
-        for path in _visible(list(image_dir.glob("*.nii.gz")) + list(image_dir.glob("*.nii"))):
+        for path in _visible(p for suffix in NIFTI_SUFFIXES for p in image_dir.glob("*" + suffix)):
             stem = _nifti_stem(path)
             label = label_for(stem)
             channel = stem[-4:] if stem[-5:-4] == "_" and stem[-4:].isdigit() else None
@@ -246,53 +225,7 @@ def discover_sources(root: str | Path, *, default_modality: str | None = None,
 # Validation helpers
 # --------------------------------------------------------------------------------------------
 
-def image_to_uint8(array: np.ndarray, where: str) -> np.ndarray:
-    """uint8 as is; whole numbers within 0..255 of another numeric dtype converted.
-
-    NaN / infinity raise NonFiniteImageError; fractions, values outside 0..255 or non-numeric
-    dtypes raise ImageDtypeError (the challenge format is uint8, SPEC §6.1: converting silently
-    would change the intensities the model sees at inference).
-    """
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer)
-                                       or np.issubdtype(array.dtype, np.floating)):
-        raise ImageDtypeError(f"{where}: image dtype {array.dtype} is not a number type; "
-                              "expected uint8 0..255")
-    if np.issubdtype(array.dtype, np.floating):
-        finite = np.isfinite(array)
-        if not finite.all():
-            raise NonFiniteImageError(
-                f"{where}: image has {int(np.count_nonzero(~finite))} NaN or infinite pixel(s)")
-        if not np.all(array == np.round(array)):
-            raise ImageDtypeError(f"{where}: image dtype {array.dtype} has non-integer values; "
-                                  "expected uint8 0..255")
-    low, high = array.min(), array.max()
-    if low < 0 or high > 255:
-        raise ImageDtypeError(f"{where}: image dtype {array.dtype} has values in [{low}, {high}]"
-                              ", outside uint8 0..255")
-    return array.astype(np.uint8)
-
-
-def labels_to_integer(array: np.ndarray, where: str) -> np.ndarray:
-    """Label map -> uint8 (max < 256) or uint16; anything but whole numbers 0..65535 raises."""
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8)
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise LabelMapError(f"{where}: label map dtype {array.dtype} is not a number type")
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise LabelMapError(f"{where}: label map has NaN or non-integer values; labels must "
-                                "be whole numbers (0 = background)")
-    if array.size and (array.min() < 0 or array.max() > MAX_LABEL):
-        raise LabelMapError(f"{where}: labels range over [{array.min()}, {array.max()}]; "
-                            f"expected 0..{MAX_LABEL}")
-    return array.astype(np.uint8 if array.size == 0 or array.max() < 256 else np.uint16)
-
-
 def _check_content(image: np.ndarray, labels: np.ndarray, where: str) -> None:
-    if image.size == 0:
-        raise ImageShapeError(f"{where}: image is empty (shape {image.shape})")
     if image.min() == image.max():
         raise ConstantImageError(f"{where}: every pixel has the value {int(image.min())}; "
                                  "a constant image carries nothing to learn from")
@@ -305,71 +238,33 @@ def _check_content(image: np.ndarray, labels: np.ndarray, where: str) -> None:
 # Readers
 # --------------------------------------------------------------------------------------------
 
-def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The listed keys that exist in the npz (no pickles). Corrupt files -> CaseReadError."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {k: archive[k] for k in keys if k in archive.files} | {
-                "__keys__": np.array(sorted(archive.files))}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
-        raise CaseReadError(f"{path}: cannot read the npz: {err}") from None
-
-
 def _read_npz_case(source: CaseSource) -> TrainingCase:
-    where = str(source.image_path)
-    content = _load_npz(source.image_path, ("imgs", "gts", "boxes"))
-    if "imgs" not in content:
-        raise MissingKeyError(f"{where}: missing key 'imgs' (the image); keys present: "
-                              f"{content['__keys__'].tolist()}", key="imgs")
+    path, where = source.image_path, str(source.image_path)
+    arrays, keys = read_npz(path, ("imgs", "gts", "boxes"))
+    image = require(arrays, keys, "imgs", path, "the image")
     if source.label_path is not None:
-        label_content = _load_npz(source.label_path, ("gts",))
-        if "gts" not in label_content:
+        label_arrays, _ = read_npz(source.label_path, ("gts",))
+        if "gts" not in label_arrays:
             raise MissingLabelsError(f"{source.label_path}: missing key 'gts' (the labels)")
-        labels = label_content["gts"]
-    elif "gts" in content:
-        labels = content["gts"]
+        labels = label_arrays["gts"]
+    elif "gts" in arrays:
+        labels = arrays["gts"]
     else:
         raise MissingLabelsError(f"{where}: no ground truth: no 'gts' key in the file and no "
-                                 f"gts/{source.image_path.name} beside it")
-    image = image_to_uint8(np.asarray(content["imgs"]), where)
-    labels = labels_to_integer(np.asarray(labels), f"{source.label_path or where} (gts)")
+                                 f"gts/{path.name} beside it")
+    labels = integer_labels(labels, f"{source.label_path or where} (gts)")
 
     name = source.case_id
-    is_3d = name.startswith("3D") if name[:2] in ("2D", "3D") else labels.ndim == 3
-    if is_3d:
-        if image.ndim != 3:
-            raise ImageShapeError(f"{where}: a 3D case needs imgs of shape (D, H, W), "
-                                  f"got {image.shape}")
-        spatial = image.shape
-    else:
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ImageShapeError(f"{where}: a 2D case needs imgs of shape (H, W, 3) or (H, W),"
-                                  f" got {image.shape}")
-        image = np.ascontiguousarray(image[:, :, :3])      # RGBA: alpha dropped (pre_grey_rgb)
-        spatial = image.shape[:2]
+    is_3d = is_3d_name(name) if name[:2] in ("2D", "3D") else labels.ndim == 3
+    image = challenge_image(image, is_3d, where)
+    spatial = image.shape if is_3d else image.shape[:2]
     if labels.shape != tuple(spatial):
         raise LabelMapError(f"{where}: gts shape {labels.shape} does not match the image's "
                             f"spatial shape {tuple(spatial)}")
-    if "boxes" in content:
-        validate_boxes(content["boxes"], spatial, f"{where} (stored boxes)")
+    if "boxes" in arrays:
+        validate_boxes(arrays["boxes"], spatial, f"{where} (stored boxes)")
     _check_content(image, labels, where)
     return TrainingCase(name, modality_from_name(name), is_3d, image, labels)
-
-
-def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(X, Y, Z) float64 data and the affine; extra singleton axes dropped."""
-    import nibabel as nib  # noqa: PLC0415
-
-    try:
-        nifti = nib.load(path)
-        data = np.asarray(nifti.dataobj, dtype=np.float64)
-    except Exception as err:          # nibabel raises many types for broken files
-        raise CaseReadError(f"{path}: cannot read the NIfTI: {err}") from None
-    if data.ndim < 2 or data.size == 0:
-        raise ImageShapeError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    return three_axes(data, str(path)), np.asarray(nifti.affine)
 
 
 def _read_nifti_case(source: CaseSource) -> TrainingCase:
@@ -377,26 +272,25 @@ def _read_nifti_case(source: CaseSource) -> TrainingCase:
     if source.label_path is None:
         raise MissingLabelsError(f"{where}: no label volume of the same name in labelsTr/ "
                                  "or labels/")
-    sidecar = _read_nifti_sidecar(source.image_path.with_name(source.case_id + ".json"))
-    modality = sidecar.get("modality", source.modality)
-    ct_window = sidecar.get("ct_window", source.ct_window)
+    sidecar_file = source.image_path.with_name(source.case_id + ".json")
+    sidecar = read_sidecar(sidecar_file, require_boxes=False) if sidecar_file.is_file() else None
+    modality = (sidecar and sidecar.modality) or source.modality
+    ct_window = (sidecar and sidecar.ct_window) or source.ct_window
 
-    volume, affine = _load_nifti(source.image_path)
-    if not np.all(np.isfinite(volume)):
-        bad = int(np.count_nonzero(~np.isfinite(volume)))
-        raise NonFiniteImageError(f"{where}: volume has {bad} NaN or infinite voxel(s)")
-    label_volume, label_affine = _load_nifti(source.label_path)
+    nifti = load_nifti(source.image_path)
+    volume = scalar_volume(nifti.data, where)
+    label_file = load_nifti(source.label_path)
+    label_volume = three_axes(label_file.data, str(source.label_path))
     if label_volume.shape != volume.shape:
         raise LabelMapError(f"{source.label_path}: label volume shape {label_volume.shape} "
                             f"differs from the image's {volume.shape}")
-    if not np.allclose(label_affine, affine, atol=1e-3):
+    if not np.allclose(label_file.affine, nifti.affine, atol=1e-3):
         raise LabelMapError(f"{source.label_path}: the label volume's affine differs from the "
                             "image's: they do not lie on the same voxel grid")
 
-    dhw, _ = volume_to_dhw(volume, affine)
-    image = np.ascontiguousarray(intensities_to_uint8(dhw, modality, ct_window))
-    labels_dhw, _ = volume_to_dhw(label_volume, affine)
-    labels = np.ascontiguousarray(labels_to_integer(labels_dhw, f"{source.label_path}"))
+    image, _ = model_volume(volume, nifti.affine, modality, ct_window)
+    labels_dhw, _ = volume_to_dhw(label_volume, nifti.affine)
+    labels = np.ascontiguousarray(integer_labels(labels_dhw, f"{source.label_path}"))
     _check_content(image, labels, where)
     return TrainingCase(source.case_id, modality or "unknown", True, image, labels)
 

@@ -12,7 +12,7 @@ longest side to 1024, min-max to [0, 1], zero-padded bottom/right). The student'
 the same uint8 region min-max normalised and padded, so both 64 x 64 embedding grids cover
 exactly the same part of the slice (cell (i, j) is pixels [4i, 4i + 4) x [4j, 4j + 4) of the
 256 frame in both). The reference instead squashed the original slice to 1024 x 1024, which
-misaligns the grids for non-square slices (SPEC §8.1).
+misaligns the grids for non-square slices.
 
 Storage. ``CACHE/shards/<k>.npy`` holds slices [k * B, (k + 1) * B) (B = batch size: one shard is
 one jitted batch), as (n, g, g, C) float16, or bfloat16 stored as its uint16 bit pattern;
@@ -170,14 +170,14 @@ def make_encode_fn(teacher: Teacher, batch_size: int,
     jitted once for a fixed padded batch that is split over the local devices."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: PLC0415
 
+    from rep_medsam_jax.mesh import batch_sharding, make_mesh, replicated_sharding  # noqa: PLC0415
     from rep_medsam_jax.models.vit import ViTImageEncoder  # noqa: PLC0415
 
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("batch",))
-    data_sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    devices = jax.local_devices()      # each host computes its own shards
+    mesh = make_mesh(devices)
+    data_sharding = batch_sharding(mesh)
+    replicated = replicated_sharding(mesh)
     padded = -(-batch_size // len(devices)) * len(devices)
     model = ViTImageEncoder(teacher.config, dtype=jnp.dtype(teacher.compute_dtype))
     out_dtype = jnp.dtype(storage_dtype)
@@ -243,9 +243,9 @@ def _iterate_inputs(source: ShardInputs, worker_count: int):
         return
     import grain  # noqa: PLC0415
 
-    from input_pipeline.loader import _allow_worker_processes  # noqa: PLC0415
+    from input_pipeline.grain_workers import allow_worker_processes  # noqa: PLC0415
 
-    _allow_worker_processes()
+    allow_worker_processes()
     sampler = grain.samplers.IndexSampler(num_records=len(source),
                                           shard_options=grain.sharding.NoSharding(),
                                           shuffle=False, num_epochs=1, seed=0)

@@ -4,7 +4,7 @@ Plain NumPy/SciPy (no JAX), so the CPU predictor and the evaluation script can u
 without importing JAX.
 
 The NSD follows the surface-distance algorithm used by the challenge's
-`compute_metrics.py` (SPEC §9.1):
+`compute_metrics.py`:
 
 1. crop both masks to their joint bounding box and append one zero voxel at the end of
    every axis;
@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import itertools
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +38,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from rep_medsam_jax.io.cases import NIFTI_SUFFIXES, header_zooms, three_axes
+from rep_medsam_jax.io.atomic import atomic_write
+from rep_medsam_jax.io.labels import LABEL_MAP_SUFFIXES, read_label_map
 
 NSD_TOLERANCE = 2.0
 NSD_MIN_DSC = 0.2
@@ -335,94 +335,26 @@ def case_metrics(gts: np.ndarray, segs: np.ndarray, spacing: Sequence[float] | N
 # ---------------------------------------------------------------------------
 
 
-def _write_csv_atomically(rows: list[dict], out_csv: Path) -> None:
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=out_csv.name + ".", suffix=".tmp", dir=out_csv.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=["case", "dsc", "nsd"])
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temp_name, out_csv)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
-
-
-_GT_SUFFIXES = (".npz",) + NIFTI_SUFFIXES + (".png",)
-
-
-@dataclasses.dataclass
-class _LabelMap:
-    labels: np.ndarray
-    spacing: np.ndarray | None      # per array axis, 3D only
-    is_3d: bool
-    affine: np.ndarray | None = None
-
-
-def _integer_labels(array: np.ndarray, where: str) -> np.ndarray:
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise ValueError(f"{where}: label map holds non-integer values")
-        return array.astype(np.int64)
-    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
-        raise ValueError(f"{where}: label map of type {array.dtype} is not integer labels")
-    return array
-
-
-def _read_label_map(path: Path, key: str) -> _LabelMap:
-    """A GT (key "gts") or prediction (key "segs") label map of a supported file type.
-
-    npz: the challenge's rules (3D by a "3D" name prefix, GT spacing used as stored). NIfTI:
-    3D, spacing from the header's zooms on the stored axes. PNG: a 2D label map.
-    """
-    name = path.name
-    lower = name.lower()
-    if lower.endswith(".npz"):
-        is_3d = name.startswith("3D")
-        with np.load(path) as archive:
-            if key not in archive:
-                raise ValueError(f"{name}: no key {key!r} (keys: {sorted(archive.files)})")
-            labels = archive[key]
-            spacing = archive["spacing"] if key == "gts" and is_3d and "spacing" in archive \
-                else None
-        if key == "gts" and is_3d and spacing is None:
-            raise ValueError(f"{name}: 3D ground truth has no 'spacing'")
-        return _LabelMap(labels, spacing, is_3d)
-    if lower.endswith(NIFTI_SUFFIXES):
-        import nibabel as nib  # noqa: PLC0415
-
-        image = nib.load(path)
-        data = three_axes(np.asanyarray(image.dataobj), name)     # ImageShapeError: a ValueError
-        return _LabelMap(_integer_labels(data, name), header_zooms(image.header), True,
-                         np.asarray(image.affine))
-    import cv2  # noqa: PLC0415
-
-    labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if labels is None or labels.ndim != 2:
-        raise ValueError(f"{name}: not a single-channel PNG label map")
-    return _LabelMap(labels, None, False)
-
-
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                     out_csv: str | os.PathLike) -> list[dict]:
     """Score every ground truth in `gt_dir` against the same-named prediction in `pred_dir`.
 
-    Ground truths: challenge `*.npz` (key `gts`; predictions key `segs`; 3D cases are those
-    whose name starts with "3D", spacing = the GT's `spacing` used as stored, SPEC §9.1),
-    NIfTI `*.nii.gz` / `*.nii` (3D; spacing = the GT header's voxel sizes on the stored axes,
-    so no axis quirk; the prediction must lie on the same grid) and PNG label maps (2D).
+    Ground truths and predictions are read by :func:`rep_medsam_jax.io.labels.read_label_map`:
+    challenge `*.npz` (key `gts`; predictions key `segs`; 3D cases are those whose name starts
+    with "3D", spacing = the GT's `spacing` used as stored, as the challenge's
+    `compute_metrics.py` does), NIfTI `*.nii.gz` / `*.nii` (3D; spacing = the GT header's voxel
+    sizes on the stored axes, so no axis quirk; the prediction must lie on the same grid) and
+    PNG label maps (2D).
 
     Returns rows {"case": file name, "dsc", "nsd"} (rounded to 4 decimals, sorted by file
-    name) and writes them to `out_csv` (temp file + os.replace, so a reader never sees a
-    half-written file). A missing prediction scores DSC 0 / NSD 0 with a warning. A
-    prediction whose shape (or, for NIfTI, affine) differs from the GT raises ValueError
-    naming the case.
+    name) and writes them to `out_csv` atomically (a reader never sees a half-written file).
+    A missing prediction scores DSC 0 / NSD 0 with a warning. A prediction whose shape (or, for
+    NIfTI, affine) differs from the GT raises ValueError naming the case.
     """
     pred_dir, gt_dir, out_csv = Path(pred_dir), Path(gt_dir), Path(out_csv)
     rows = []
     gt_paths = sorted(p for p in gt_dir.iterdir()
-                      if p.is_file() and p.name.lower().endswith(_GT_SUFFIXES))
+                      if p.is_file() and p.name.lower().endswith(LABEL_MAP_SUFFIXES))
     for gt_path in gt_paths:
         name = gt_path.name
         pred_path = pred_dir / name
@@ -431,8 +363,8 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                           stacklevel=2)
             rows.append({"case": name, "dsc": 0.0, "nsd": 0.0})
             continue
-        gt = _read_label_map(gt_path, "gts")
-        pred = _read_label_map(pred_path, "segs")
+        gt = read_label_map(gt_path, "gts")
+        pred = read_label_map(pred_path, "segs")
         if gt.labels.shape != pred.labels.shape:
             raise ValueError(f"{name}: prediction shape {pred.labels.shape} != ground truth "
                              f"shape {gt.labels.shape}")
@@ -441,5 +373,8 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                              "truth's: not the same voxel grid")
         dsc, nsd = case_metrics(gt.labels, pred.labels, gt.spacing, gt.is_3d)
         rows.append({"case": name, "dsc": float(np.round(dsc, 4)), "nsd": float(np.round(nsd, 4))})
-    _write_csv_atomically(rows, out_csv)
+    with atomic_write(out_csv) as tmp, open(tmp, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["case", "dsc", "nsd"])
+        writer.writeheader()
+        writer.writerows(rows)
     return rows

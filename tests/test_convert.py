@@ -22,7 +22,7 @@ def test_converted_rep_medsam_matches_pytorch_unfused_and_folded(torch_rep_medsa
                                                                 converted_rep_medsam):
     import jax
 
-    from rep_medsam_jax.export.onnx_export import deploy_variables, model_functions
+    from rep_medsam_jax.models.deploy import deploy_variables, model_functions
     from tests.reference.medsam_lite_torch import fused_copy
 
     model, _ = torch_rep_medsam

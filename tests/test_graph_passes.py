@@ -27,8 +27,10 @@ def _run(model, feeds: dict) -> list[np.ndarray]:
 def raw_tiny_encoder(tiny_model_dir):
     """jax2onnx's graph of the folded tiny encoder, before any rewrite."""
     from rep_medsam_jax.export import onnx_export
+    from rep_medsam_jax.model_dir import load_model_dir
+    from rep_medsam_jax.models.deploy import deployed_functions
 
-    config, encode, _ = onnx_export.deployed_functions(tiny_model_dir)
+    config, encode, _ = deployed_functions(*load_model_dir(tiny_model_dir))
     return onnx_export.encoder_to_onnx(encode, config.image_size)
 
 
@@ -148,8 +150,10 @@ def raw_tiny_decoder(tiny_model_dir):
     import jax
 
     from rep_medsam_jax.export import onnx_export
+    from rep_medsam_jax.model_dir import load_model_dir
+    from rep_medsam_jax.models.deploy import deployed_functions
 
-    config, _, decode = onnx_export.deployed_functions(tiny_model_dir)
+    config, _, decode = deployed_functions(*load_model_dir(tiny_model_dir))
     grid, channels = config.embedding_size, config.decoder.embed_dim
     proto = onnx_export._to_onnx(decode, [(1, grid, grid, channels),
                                           jax.ShapeDtypeStruct(("N", 4), np.float32)],

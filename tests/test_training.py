@@ -112,12 +112,12 @@ def test_bad_optimiser_values_are_rejected():
 def tiny():
     """(model, variables, batch of 8 phantom examples at 32 x 32)."""
     from input_pipeline.phantoms import make_case_2d
-    from rep_medsam_jax.training.loop import init_model_variables
+    from rep_medsam_jax.models.medsam_lite import init_variables
 
     config = dataclasses.replace(MODEL_PRESETS["rep_medsam_tiny"], image_size=SIZE,
                                  embedding_size=SIZE // 4)
     model = build_model(config)
-    variables = init_model_variables(model, config, seed=0)
+    variables = init_variables(config, 0)
     examples = []
     for index, modality in enumerate(["CT", "MR", "US", "Dermoscopy"] * 2):
         case = make_case_2d(np.random.default_rng([7, index]), modality, SIZE)

@@ -75,12 +75,11 @@ def _well_conditioned_start(path: Path) -> Path:
 
     from rep_medsam_jax.model_dir import save_model_dir
     from rep_medsam_jax.models.config import MODEL_PRESETS
-    from rep_medsam_jax.models.medsam_lite import build_model
-    from rep_medsam_jax.training.loop import init_model_variables
+    from rep_medsam_jax.models.medsam_lite import init_variables
 
     config = dataclasses.replace(MODEL_PRESETS["rep_medsam_tiny"], image_size=32,
                                  embedding_size=8)
-    variables = init_model_variables(build_model(config), config, seed=0)
+    variables = init_variables(config, 0)
     rng = np.random.default_rng(0)
 
     def draw(keys, leaf):

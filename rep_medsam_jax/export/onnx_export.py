@@ -30,7 +30,7 @@ import numpy as np
 from rep_medsam_jax.export.graph_passes import (drop_broadcast_expands, fuse_layer_norms,
                                                  squeeze_excite_blocked)
 from rep_medsam_jax.model_dir import atomic_directory, load_model_dir
-from rep_medsam_jax.models.config import ModelConfig
+from rep_medsam_jax.models.deploy import deployed_functions
 from rep_medsam_jax.predictor.backend import INT8_ENCODER   # the file predict --int8 opens
 from rep_medsam_jax.predictor.onnx_backend import PROVIDERS
 
@@ -41,40 +41,6 @@ OPSET = 21
 
 class ExportVerificationError(RuntimeError):
     """onnxruntime's output differs from JAX's by more than the tolerance."""
-
-
-def deploy_variables(config: ModelConfig, variables: dict) -> tuple[ModelConfig, dict]:
-    """Fold a training-form RepViT encoder (SPEC §2); other models pass through."""
-    import dataclasses  # noqa: PLC0415
-
-    if config.encoder != "repvit" or config.deployed:
-        return config, variables
-    from rep_medsam_jax.models.config import REPVIT_VARIANTS  # noqa: PLC0415
-    from rep_medsam_jax.models.folding import fold  # noqa: PLC0415
-
-    encoder = {"params": variables["params"]["image_encoder"],
-               "batch_stats": variables["batch_stats"]["image_encoder"]}
-    folded = fold(encoder, REPVIT_VARIANTS[config.encoder_variant])
-    params = dict(variables["params"])
-    params["image_encoder"] = folded["params"]
-    return dataclasses.replace(config, deployed=True), {"params": params}
-
-
-def model_functions(config: ModelConfig, variables: dict) -> tuple[Callable, Callable]:
-    """Pure ``encode(images)`` and ``decode(embedding, boxes)`` closures over the variables."""
-    from rep_medsam_jax.models.medsam_lite import MedSAMLite, build_model  # noqa: PLC0415
-
-    model = build_model(config)
-
-    def encode(images):
-        embeddings, _ = model.apply(variables, images, method=MedSAMLite.encode)
-        return embeddings
-
-    def decode(embedding, boxes):
-        logits, iou = model.apply(variables, embedding, boxes, method=MedSAMLite.decode)
-        return logits[:, 0], iou[:, 0]
-
-    return encode, decode
 
 
 def _to_onnx(fn: Callable, inputs: Sequence, name: str, input_names: Sequence[str],
@@ -92,7 +58,8 @@ def _to_onnx(fn: Callable, inputs: Sequence, name: str, input_names: Sequence[st
                         input_names=list(input_names), output_names=list(output_names))
     finally:
         serde_log.setLevel(previous)
-    # Stale NHWC shape annotations can make onnxruntime fail to load conv nets (TOOLCHAIN.md).
+    # Stale NHWC shape annotations left by jax2onnx can make onnxruntime fail to load conv
+    # nets; value_info is optional (onnxruntime infers the shapes), so it is dropped.
     del proto.graph.value_info[:]
     return proto
 
@@ -126,26 +93,6 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def deployed_model(model_dir: str | Path) -> tuple[ModelConfig, dict]:
-    """``(config, variables)`` of a model directory as it is exported and predicted with:
-    encoder folded, variables as NumPy arrays. Refuses a directory without an image encoder."""
-    import jax  # noqa: PLC0415
-
-    config, variables = load_model_dir(model_dir)
-    if config.encoder == "none":
-        raise ValueError(f"{model_dir} has no image encoder (LiteMedSAM heads only): "
-                         "nothing to run as a full model")
-    config, variables = deploy_variables(config, variables)
-    return config, jax.tree_util.tree_map(np.asarray, variables)
-
-
-def deployed_functions(model_dir: str | Path) -> tuple[ModelConfig, Callable, Callable]:
-    """``(config, encode, decode)`` of :func:`deployed_model`."""
-    config, variables = deployed_model(model_dir)
-    encode, decode = model_functions(config, variables)
-    return config, encode, decode
-
-
 def encoder_to_onnx(encode: Callable, image_size: int):
     """jax2onnx's graph of ``encode``: images (B, S, S, 3) -> embeddings, B symbolic; before
     the layout rewrites of graph_passes.py."""
@@ -159,7 +106,8 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, int8: bool = Fa
     """Export ``model_dir`` to ``out_dir``; returns the metadata written to export.json."""
     import jax  # noqa: PLC0415
 
-    config, encode, decode = deployed_functions(model_dir)
+    config, encode, decode = deployed_functions(*load_model_dir(model_dir),
+                                                source=str(model_dir))
     size, grid, channels = config.image_size, config.embedding_size, config.decoder.embed_dim
 
     log("exporting the image encoder")

@@ -1,17 +1,17 @@
 """Static per-channel int8 (QDQ) quantisation of the exported encoder, with its cost measured.
 
-Dynamic int8 is slower than fp32 for convolutions on CPU and breaks depthwise-heavy CNNs
-(FIELD.md, TOOLCHAIN.md), so it is not offered. The int8 encoder is an extra file; the fp32
-encoder stays the default.
+Dynamic int8 quantises activations at run time, which costs more than it saves for
+convolutions on CPU (onnxruntime's quantization guide recommends static quantization for CNNs),
+so it is not offered. The int8 encoder is an extra file; the fp32 encoder stays the default.
 
 The recipe (:class:`Int8Recipe`) says which ops become int8 and which nodes stay float. Only
 the convolutions are worth quantising: they are the run time. Quantising everything else too
 (the decomposed LayerNorms of the neck, where a squared deviation in uint8 loses the variance;
 the tiny squeeze-excite gates, 1x1 convs on a pooled vector; residual Adds) costs accuracy and
 buys no speed. The squeeze-excite gates stay float as well; the stem and neck convolutions are
-int8 (keeping them float, as the first recipe did, took 1.19x the time for a slightly smaller
-embedding error), and activation ranges cut the 0.01 % tails (percentile calibration)
-instead of stretching to outliers (MinMax): see docs/benchmarks.md for the measured table
+int8 (keeping them float takes 1.19x the time for a slightly smaller embedding error), and
+activation ranges cut the 0.01 % tails (percentile calibration) instead of stretching to
+outliers (MinMax): see docs/benchmarks.md for the measured table
 behind the default.
 """
 
@@ -95,16 +95,14 @@ class Int8Recipe:
 
 
 # Measured on random full-size weights and on the trained demo model (docs/benchmarks.md):
-# Conv-only with 99.99-percentile ranges had the smallest embedding error of the recipes first
-# tried (then with the stem conv and the neck float). With the stem and neck convolutions int8
-# too: full size 0.84x the time (172 vs 207 ms), embedding error 4.75 % instead of 4.49 %,
-# phantom mask DSC vs fp32 0.752 vs 0.754; trained demo model (24 cases) DSC 0.921 vs 0.917,
-# embedding error 3.35 % vs 3.17 %. The SE gates stay float: they were Gemms
-# once (never quantised as Conv-only); the exporter now writes them as 1x1 convs on a pooled
-# vector, kept float by name.
+# Conv-only with 99.99-percentile ranges gives the smallest embedding error. Quantising the stem
+# and neck convolutions as well (against keeping them float): full size 0.84x the time (172 vs
+# 207 ms), embedding error 4.75 % instead of 4.49 %, phantom mask DSC vs fp32 0.752 vs 0.754;
+# trained demo model (24 cases) DSC 0.921 vs 0.917, embedding error 3.35 % vs 3.17 %. The SE
+# gates (1x1 convs on a pooled vector) stay float, by name.
 DEFAULT_RECIPE = Int8Recipe()
-# What `--int8` did before the recipe existed (every quantisable op, MinMax): DSC 0.69 on
-# random full-size weights. Kept to measure against.
+# Every quantisable op with MinMax ranges: DSC 0.69 on random full-size weights. Kept as the
+# baseline the default recipe is measured against.
 QUANTIZE_EVERYTHING = Int8Recipe(calibration="minmax", op_types=(), keep_float=())
 
 
@@ -122,7 +120,8 @@ def phantom_cases(count: int, seed: int = 1234, size: int = 256) -> list[tuple]:
 def _read_for_calibration(path: Path):
     """Read one case; plain images need no boxes for calibration, so a missing sidecar is no
     reason to skip them."""
-    from rep_medsam_jax.io.cases import MissingBoxesError, read_case  # noqa: PLC0415
+    from rep_medsam_jax.io.cases import read_case  # noqa: PLC0415
+    from rep_medsam_jax.io.errors import MissingBoxesError  # noqa: PLC0415
 
     try:
         return read_case(path)

@@ -3,7 +3,7 @@
 pydicom (pure Python) is imported only when a DICOM case is read. Uncompressed, deflated and
 RLE pixel data decode with pydicom alone; JPEG / JPEG-LS / JPEG 2000 need pydicom's optional
 decoder packages (pylibjpeg, ...), and a file that cannot be decoded is a
-:class:`~rep_medsam_jax.io.cases.CaseReadError` that says so.
+:class:`~rep_medsam_jax.io.CaseReadError` that says so.
 
 2D (a single-frame file)
 ------------------------
@@ -41,7 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-DICOM_SUFFIX = ".dcm"
+from rep_medsam_jax.io.errors import (CaseReadError, ImageDtypeError, ImageShapeError,
+                                      check_not_empty)
+from rep_medsam_jax.io.formats import DICOM_SUFFIX
+from rep_medsam_jax.io.intensity import DEFAULT_CT_WINDOW, min_max_to_uint8, window_ct
+
 _PREAMBLE = 128              # bytes before the "DICM" magic of a DICOM Part 10 file
 _SPACING_TOLERANCE = 0.01    # relative spread of the slice gaps allowed in one series
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -69,18 +73,11 @@ def series_files(folder: str | os.PathLike) -> list[Path]:
                   key=lambda p: p.name)
 
 
-def _errors():
-    # Imported here: cases.py imports this module, and the errors live there.
-    from rep_medsam_jax.io import cases  # noqa: PLC0415
-
-    return cases
-
-
 def _pydicom():
     try:
         import pydicom  # noqa: PLC0415
     except ImportError:
-        raise _errors().CaseReadError(
+        raise CaseReadError(
             "reading DICOM needs pydicom: pip install pydicom==3.0.2") from None
     return pydicom
 
@@ -92,14 +89,14 @@ def _parse(path: Path, headers_only: bool = False):
     try:
         return pydicom.dcmread(path, stop_before_pixels=headers_only)
     except Exception as err:       # pydicom raises many types for broken files
-        raise _errors().CaseReadError(f"{path}: cannot read the DICOM file: {err}") from None
+        raise CaseReadError(f"{path}: cannot read the DICOM file: {err}") from None
 
 
 def _read_dataset(path: Path):
     """The parsed file, with its pixel data present; CaseReadError otherwise."""
     dataset = _parse(path)
     if "PixelData" not in dataset:
-        raise _errors().CaseReadError(f"{path}: the DICOM file has no pixel data "
+        raise CaseReadError(f"{path}: the DICOM file has no pixel data "
                                       f"(SOP class {dataset.get('SOPClassUID', 'unknown')})")
     return dataset
 
@@ -117,7 +114,7 @@ def _pixels(dataset, path: Path) -> np.ndarray:
     except Exception as err:       # missing decoder plug-in, truncated pixel data, ...
         syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown") \
             if hasattr(dataset, "file_meta") else "unknown"
-        raise _errors().CaseReadError(
+        raise CaseReadError(
             f"{path}: cannot decode the pixel data (transfer syntax {syntax}): {err}") from None
 
 
@@ -136,8 +133,6 @@ def modality_of(dataset) -> str | None:
 def grey_to_uint8(values: np.ndarray, modality: str | None,
                   ct_window: tuple[float, float] | None, monochrome1: bool) -> np.ndarray:
     """One grey 2D image in modality values -> uint8 (the 2D rule of the module docstring)."""
-    from rep_medsam_jax.preprocess import DEFAULT_CT_WINDOW, min_max_to_uint8, window_ct  # noqa: PLC0415
-
     if modality == "CT":
         image = window_ct(values, *(ct_window or DEFAULT_CT_WINDOW))
     elif np.all(values == np.round(values)) and values.min() >= 0 and values.max() <= 255:
@@ -153,23 +148,22 @@ def read_dicom_image(path: str | os.PathLike, modality: str | None = None,
 
     modality: overrides the file's Modality tag (e.g. from the JSON sidecar).
     """
-    cases = _errors()
     path = Path(path)
     dataset = _read_dataset(path)
     if _frames(dataset) > 1:
-        raise cases.ImageShapeError(
+        raise ImageShapeError(
             f"{path}: a multi-frame DICOM ({_frames(dataset)} frames) is not a 2D image; put "
             "single-frame slices in a series folder, or convert the file to NIfTI")
     pixels = _pixels(dataset, path)
-    cases._check_not_empty(pixels, str(path))
+    check_not_empty(pixels, str(path))
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     if samples == 3:
         if pixels.dtype != np.uint8:
-            raise cases.ImageDtypeError(f"{path}: colour DICOM with {pixels.dtype} samples; "
+            raise ImageDtypeError(f"{path}: colour DICOM with {pixels.dtype} samples; "
                                         "only 8-bit colour is supported")
         return np.ascontiguousarray(pixels)      # pydicom returns YBR data converted to RGB
     if samples != 1 or pixels.ndim != 2:
-        raise cases.ImageShapeError(f"{path}: expected one grey or RGB frame, got pixel data "
+        raise ImageShapeError(f"{path}: expected one grey or RGB frame, got pixel data "
                                     f"of shape {pixels.shape} with {samples} sample(s) per pixel")
     values = _modality_values(dataset, pixels)
     modality = (modality or modality_of(dataset) or "").upper() or None
@@ -199,7 +193,7 @@ def _float_list(dataset, keyword: str, count: int, path: Path) -> np.ndarray:
     except (TypeError, ValueError):
         array = np.array([])
     if array.shape != (count,) or not np.all(np.isfinite(array)):
-        raise _errors().CaseReadError(f"{path}: {keyword} must be {count} numbers for a slice "
+        raise CaseReadError(f"{path}: {keyword} must be {count} numbers for a slice "
                                       f"of a 3D series, got {value!r}")
     return array
 
@@ -210,7 +204,7 @@ def _slice_geometry(dataset, path: Path) -> tuple[np.ndarray, np.ndarray, np.nda
     position = _float_list(dataset, "ImagePositionPatient", 3, path)
     spacing = _float_list(dataset, "PixelSpacing", 2, path)
     if np.any(spacing <= 0):
-        raise _errors().CaseReadError(f"{path}: PixelSpacing must be positive, got {spacing}")
+        raise CaseReadError(f"{path}: PixelSpacing must be positive, got {spacing}")
     return orientation, position, spacing
 
 
@@ -219,18 +213,17 @@ def _check_same(values: list, name: str, folder: Path, close: bool = False) -> N
     for index, value in enumerate(values[1:], start=1):
         same = np.allclose(value, first, atol=1e-4) if close else value == first
         if not same:
-            raise _errors().CaseReadError(
+            raise CaseReadError(
                 f"{folder}: the slices differ in {name} ({first} in the first slice, {value} in "
                 f"slice file {index + 1}); a series folder must hold one series")
 
 
 def read_dicom_series(folder: str | os.PathLike) -> DicomSeries:
     """A folder of single-frame DICOM slices -> :class:`DicomSeries` (module docstring)."""
-    cases = _errors()
     folder = Path(folder)
     files = series_files(folder)
     if not files:
-        raise cases.CaseReadError(f"{folder}: no DICOM files in the series folder")
+        raise CaseReadError(f"{folder}: no DICOM files in the series folder")
     # Headers first (geometry, order); each slice's pixels are read later, one file at a time,
     # so a series never holds its raw and decoded pixels in memory at once.
     parsed = [(path, _parse(path, headers_only=True)) for path in files]
@@ -239,15 +232,15 @@ def read_dicom_series(folder: str | os.PathLike) -> DicomSeries:
     images = [(path, dataset) for path, dataset in parsed
               if "Rows" in dataset and "Columns" in dataset]
     if not images:
-        raise cases.CaseReadError(f"{folder}: none of the {len(files)} DICOM file(s) holds an "
+        raise CaseReadError(f"{folder}: none of the {len(files)} DICOM file(s) holds an "
                                   "image")
     files, datasets = [path for path, _ in images], [dataset for _, dataset in images]
     for path, dataset in zip(files, datasets):
         if _frames(dataset) > 1:
-            raise cases.ImageShapeError(f"{path}: multi-frame DICOM files are not supported in "
+            raise ImageShapeError(f"{path}: multi-frame DICOM files are not supported in "
                                         "a series folder; convert the series to NIfTI")
         if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
-            raise cases.ImageShapeError(f"{path}: a 3D series must be grey (one sample per "
+            raise ImageShapeError(f"{path}: a 3D series must be grey (one sample per "
                                         "pixel)")
     _check_same([str(d.get("SeriesInstanceUID", "")) for d in datasets], "SeriesInstanceUID",
                 folder)
@@ -265,10 +258,10 @@ def read_dicom_series(folder: str | os.PathLike) -> DicomSeries:
     heights = heights[order]
     gaps = np.diff(heights)
     if gaps.size and np.min(gaps) < 1e-3:
-        raise cases.CaseReadError(f"{folder}: two slices lie at the same position "
+        raise CaseReadError(f"{folder}: two slices lie at the same position "
                                   f"({heights[int(np.argmin(gaps))]:.3f} mm along the normal)")
     if gaps.size and (np.max(gaps) - np.min(gaps)) > _SPACING_TOLERANCE * np.median(gaps):
-        raise cases.CaseReadError(
+        raise CaseReadError(
             f"{folder}: uneven slice spacing ({np.min(gaps):.3f} to {np.max(gaps):.3f} mm, "
             "missing slices?); resample the series or convert it to NIfTI")
 

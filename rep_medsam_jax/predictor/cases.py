@@ -1,4 +1,4 @@
-"""The 2D and 3D inference procedures of SPEC §7, with the reference bugs of §10 fixed.
+"""The 2D and 3D inference procedures of ``CVPR24_LiteMedSAM_infer.py``, with its bugs fixed.
 
 Deliberate differences from ``CVPR24_LiteMedSAM_infer.py`` (see docs/differences.md):
 
@@ -72,7 +72,8 @@ def _decode_boxes(backend: Backend, embedding: np.ndarray, prompts: np.ndarray,
 
 
 def _slice_tensor(volume: np.ndarray, z: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Slice z of a (D, H, W) uint8 volume as the model's (S, S, 3) input (SPEC §6.4)."""
+    """Slice z of a (D, H, W) uint8 volume as the model's (S, S, 3) input: grey repeated to
+    three channels, then :func:`rep_medsam_jax.preprocess.preprocess_image`."""
     return preprocess_image(np.repeat(volume[z][:, :, None], 3, axis=-1), size)
 
 
@@ -108,8 +109,9 @@ class SliceEmbeddings:
 
 def _box_from_previous(mask: np.ndarray, label: int, fallback: np.ndarray,
                        size: int) -> np.ndarray:
-    """SPEC §7.3: the previous slice's mask (painted with its label), INTER_AREA-resized to the
-    S x S frame; its bbox expanded by 3 px, or the middle-slice box if it vanished."""
+    """The prompt for the next slice, as the reference's 3D loop makes it: the previous slice's
+    mask (painted with its label), INTER_AREA-resized to the S x S frame; its bbox expanded by
+    3 px, or the middle-slice box if it vanished."""
     # The reference paints label k into a uint8 map before resizing: keep that value (it decides
     # which thin structures survive INTER_AREA), saturating at 255 for labels past uint8.
     resized = resize_longest_side(mask.astype(np.uint8) * np.uint8(min(label, 255)), size)
@@ -120,7 +122,7 @@ def _box_from_previous(mask: np.ndarray, label: int, fallback: np.ndarray,
 
 class _BoxTrack:
     """One 3D box's propagation state: its label, z range, middle-slice prompt and the prompts
-    its last decoded masks give the next slice up and down (SPEC §7.3)."""
+    its last decoded masks give the next slice up and down."""
 
     def __init__(self, label: int, box: np.ndarray, z_range: tuple[int, int],
                  original_hw: tuple[int, int], size: int):
@@ -142,12 +144,12 @@ def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
     volume: (D, H, W) uint8. boxes: (N, 6) [x0, y0, z0, x1, y1, z1] in voxels, z closed.
     Returns (D, H, W) uint8 (uint16 when N >= 256); later boxes win where masks overlap.
 
-    Same result as propagating box after box (SPEC §7.3), but the boxes share slices: an
-    upward sweep decodes at each slice z, in one call, every box whose middle slice is z (with
-    its middle box) and every box still propagating up through z (with the box from its own
-    mask at z - 1); a downward sweep then does the same below the middle slices. Each box only
-    ever sees its own masks, so the order of the decodes changes nothing. ``progress`` is
-    called with each slice index once that slice's decodes of a sweep are done.
+    Same result as propagating box after box (as the reference does), but the boxes share
+    slices: an upward sweep decodes at each slice z, in one call, every box whose middle slice
+    is z (with its middle box) and every box still propagating up through z (with the box from
+    its own mask at z - 1); a downward sweep then does the same below the middle slices. Each
+    box only ever sees its own masks, so the order of the decodes changes nothing. ``progress``
+    is called with each slice index once that slice's decodes of a sweep are done.
     """
     depth, height, width = volume.shape
     size = backend.image_size

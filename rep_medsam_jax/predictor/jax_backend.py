@@ -16,10 +16,10 @@ class JaxBackend:
     def __init__(self, model_dir: str | os.PathLike):
         import jax  # noqa: PLC0415
 
-        from rep_medsam_jax.export.onnx_export import (deployed_model,  # noqa: PLC0415
-                                                       model_functions)
+        from rep_medsam_jax.model_dir import load_model_dir  # noqa: PLC0415
+        from rep_medsam_jax.models.deploy import deployed_model, model_functions  # noqa: PLC0415
 
-        config, variables = deployed_model(model_dir)
+        config, variables = deployed_model(*load_model_dir(model_dir), source=str(model_dir))
         encode, decode = model_functions(config, jax.device_put(variables))
         self.config = config
         self.image_size = config.image_size

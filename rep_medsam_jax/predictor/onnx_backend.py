@@ -21,7 +21,7 @@ def session_options(threads: int | None = None, spin: bool = False):
     ``spin=False`` makes idle worker threads sleep instead of busy-waiting between operators.
     With one thread per core, spinning takes the cores from everything else on the machine
     (the decoder has hundreds of small operators, so the workers spin much of the time); on a
-    shared 2-core machine sleeping was 10-30 % faster (docs/benchmarks.md).
+    shared 2-core machine sleeping is 10-30 % faster (docs/benchmarks.md).
     """
     import onnxruntime as ort  # noqa: PLC0415
 

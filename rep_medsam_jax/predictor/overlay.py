@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rep_medsam_jax.io.atomic import write_bytes_atomic
+
 
 def _palette(n: int) -> np.ndarray:
     """n distinct RGB colours (golden-angle hues), (n, 3) uint8."""
@@ -38,13 +40,13 @@ def write_overlay(case, segs: np.ndarray, overlay_dir: str | Path) -> Path:
     import cv2  # noqa: PLC0415
 
     overlay_dir = Path(overlay_dir)
-    overlay_dir.mkdir(parents=True, exist_ok=True)
     image, labels = case.image, segs
     if case.is_3d:
         z = int(np.argmax((segs > 0).reshape(segs.shape[0], -1).sum(1)))
         image, labels = case.image[z], segs[z]
     path = overlay_dir / f"{case.name}.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    cv2.imwrite(str(tmp), cv2.cvtColor(overlay_image(image, labels), cv2.COLOR_RGB2BGR))
-    tmp.replace(path)
-    return path
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(overlay_image(image, labels),
+                                                    cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    return write_bytes_atomic(path, encoded.tobytes())

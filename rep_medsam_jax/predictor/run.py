@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rep_medsam_jax.io.cases import (SUPPORTED_SUFFIXES, CaseError, discover_cases, read_case,
-                                     write_segmentation)
+from rep_medsam_jax.io import (SUPPORTED_SUFFIXES, CaseError, discover_cases, read_case,
+                               write_segmentation)
 from rep_medsam_jax.predictor.backend import Backend
 from rep_medsam_jax.predictor.cases import predict_2d, predict_3d
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rep_medsam_jax.models.config import REPVIT_VARIANTS, VIT_VARIANTS, ModelConfig
-from rep_medsam_jax.models.medsam_lite import MedSAMLite, build_model
+from rep_medsam_jax.models.medsam_lite import build_model, init_variables
 from rep_medsam_jax.training import optim
 from rep_medsam_jax.training import sharding as sharding_lib
 from rep_medsam_jax.training.checkpoint import (Checkpointer, load_checkpoint_variables,
@@ -197,48 +197,26 @@ def make_teacher(config: TrainConfig, model_config: ModelConfig) -> tuple[Teache
     """The online teacher and its variables (None, None for a cached teacher or seg)."""
     if config.stage != "distill" or config.teacher.source != "online":
         return None, None
+    from input_pipeline.teacher_cache import TeacherCacheError, load_teacher  # noqa: PLC0415
     from rep_medsam_jax.models.vit import ViTImageEncoder  # noqa: PLC0415
 
     section = config.teacher
-    if section.model_dir:
-        from rep_medsam_jax.model_dir import load_model_dir  # noqa: PLC0415
-
-        teacher_model, variables = load_model_dir(section.model_dir)
-        if teacher_model.encoder != "vit":
-            raise ConfigError(f"teacher.model_dir {section.model_dir} holds a "
-                              f"{teacher_model.encoder} encoder; the teacher is a ViT")
-        vit = VIT_VARIANTS[teacher_model.encoder_variant]
-        teacher_variables = {"params": variables["params"]["image_encoder"]}
-    else:
-        if section.variant not in VIT_VARIANTS:
-            raise ConfigError(f"teacher.variant {section.variant!r} unknown; known: "
-                              f"{sorted(VIT_VARIANTS)}")
-        vit = VIT_VARIANTS[section.variant]
-        dummy = jnp.zeros((1, vit.img_size, vit.img_size, 3), jnp.float32)
-        teacher_variables = jax.jit(ViTImageEncoder(vit).init)(
-            jax.random.PRNGKey(section.random_seed), dummy)
-        teacher_variables = {"params": teacher_variables["params"]}
+    if not section.model_dir and section.variant not in VIT_VARIANTS:
+        raise ConfigError(f"teacher.variant {section.variant!r} unknown; known: "
+                          f"{sorted(VIT_VARIANTS)}")
+    try:
+        loaded = load_teacher(model_dir=section.model_dir or None, variant=section.variant,
+                              random_seed=section.random_seed)
+    except TeacherCacheError as err:
+        raise ConfigError(f"teacher.model_dir: {err}") from None
+    vit = loaded.config
     student_channels = REPVIT_VARIANTS[model_config.encoder_variant].neck_channels
     if (vit.grid_size, vit.out_chans) != (model_config.embedding_size, student_channels):
         raise ConfigError(
             f"teacher embedding {vit.grid_size}x{vit.grid_size}x{vit.out_chans} does not match "
             f"the student's {model_config.embedding_size}x{model_config.embedding_size}x"
             f"{student_channels}")
-    return Teacher(ViTImageEncoder(vit), vit.img_size), teacher_variables
-
-
-def init_model_variables(model: MedSAMLite, model_config: ModelConfig, seed: int) -> dict:
-    """Random variables, as NumPy, from the model's own initialisers.
-
-    Jitted with an ``rbg`` key: drawing hundreds of parameter tensors with the default
-    threefry generator makes XLA's CPU compile take minutes (measured 127 s vs 21 s for the
-    tiny model), and eager init is as slow.
-    """
-    size = model_config.image_size
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    boxes = jnp.array([[0.0, 0.0, 8.0, 8.0]], jnp.float32)
-    variables = jax.jit(model.init)(jax.random.key(seed, impl="rbg"), images, boxes)
-    return jax.tree.map(np.asarray, dict(variables))
+    return Teacher(ViTImageEncoder(vit), vit.img_size), loaded.variables
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +326,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *,
         say(f"resumed from {workdir / 'checkpoints' / str(start_step)}")
     else:
         start_step = 0
-        variables = init_model_variables(model, model_config, config.seed)
+        variables = init_variables(model_config, config.seed)
         if config.model.init_from:
             loaded = load_init_variables(Path(config.model.init_from))
             variables = _merge_parts(variables, loaded, config.model.init_parts,

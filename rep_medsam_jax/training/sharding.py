@@ -19,9 +19,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-DATA_AXIS = "data"
+from rep_medsam_jax.mesh import (DATA_AXIS, batch_sharding, make_mesh,  # noqa: F401
+                                 replicated_sharding)
 
 # Environment variables read by initialize_distributed (flags take precedence).
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -67,21 +68,6 @@ def initialize_distributed(coordinator_address: str | None = None,
         jax.distributed.initialize()
         return True
     return False
-
-
-def make_mesh(devices: Any = None) -> Mesh:
-    """A 1-D mesh named ``"data"`` over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def replicated_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the mesh, other axes whole."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
 def check_batch_size(global_batch: int, mesh: Mesh | None = None,
