@@ -198,9 +198,9 @@ def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
     original_hw: (H, W) of the original image or slice;
     workers: threads resizing masks side by side (None: every core for large outputs, else 1).
 
-    Equal to ``resize_bilinear(cropped, original_hw) > SIGMOID_HALF_BOUND``, but computed only inside the window
-    of each mask that can be positive (``_positive_window``), with the whole image's indices and
-    weights, so the values there are the same; an object is usually a small part of a large
+    Equal to ``resize_bilinear(cropped, original_hw) > SIGMOID_HALF_BOUND``, but computed only
+    inside the window of each mask that can be positive (``_positive_window``), with the whole
+    image's indices and weights, so the values there are the same; an object is usually a small part of a large
     image (19 cells on a 1536 x 2040 micrograph: 1.5 s of resizing became a few hundredths).
     """
     cropped = _crop(low_res_logits, new_hw)

@@ -64,7 +64,8 @@ def randomise_batchnorm(config, variables: dict, seed: int) -> dict:
 
 def assert_embedding_depends_on_the_image(config, variables) -> None:
     """Two different images must give clearly different embeddings (max difference above
-    10 % of the largest value), or tests comparing backends on this model would compare constants."""
+    10 % of the largest value), or tests comparing backends on this model would compare
+    constants."""
     import jax
 
     from rep_medsam_jax.models.medsam_lite import MedSAMLite, build_model

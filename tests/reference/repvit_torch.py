@@ -1,10 +1,11 @@
-"""A PyTorch reference of Rep-MedSAM's RepViT encoder, written from SPEC §1-§2 for the tests.
+"""A PyTorch reference of Rep-MedSAM's RepViT encoder, written from the RepViT and Rep-MedSAM
+code for the tests.
 
 Module and attribute names follow the reference exactly, so that ``state_dict()`` keys are the
-checkpoint's (SPEC §5.3, without the ``image_encoder.`` prefix): ``features.N.token_mixer...``,
+checkpoint's (without the ``image_encoder.`` prefix): ``features.N.token_mixer...``,
 ``channel_mixer.m.`` for residual channel mixers, ``channel_mixer.`` for the transition block,
-``neck.0..3``. ``fuse`` methods and ``replace_batchnorm`` implement the reference's BN folding
-(SPEC §2). Configurable by a rows list, so it builds both m1_0 and the tiny test variant.
+``neck.0..3``. ``fuse`` methods and ``replace_batchnorm`` implement the reference's BN folding.
+Configurable by a rows list, so it builds both m1_0 and the tiny test variant.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Residual(nn.Module):
     def fuse(self) -> nn.Module:
         # The reference folds the identity into a wrapped depthwise-3x3 Conv2d_BN / Conv2d; in
         # this network the wrapped module is always a Sequential, which is returned unchanged so
-        # that replace_batchnorm recurses into it (SPEC §2). The other cases are not needed here.
+        # that replace_batchnorm recurses into it. The other cases are not needed here.
         if isinstance(self.m, (Conv2d_BN, nn.Conv2d)):
             raise NotImplementedError("Residual around a single conv does not occur in RepViT")
         return self
@@ -252,10 +253,11 @@ def randomize(module: nn.Module, seed: int = 0, calibration: torch.Tensor | None
 
 
 def build_reference(rows: Sequence[Sequence[int]], stem_strides: tuple[int, int] = (1, 1),
-                    neck_channels: int = 256, seed: int = 0) -> RepViT:
-    """A seeded, randomised reference in eval mode."""
+                    neck_channels: int = 256, seed: int = 0,
+                    calibration: torch.Tensor | None = None) -> RepViT:
+    """A seeded, randomised reference in eval mode (``randomize``'s calibration images)."""
     torch.manual_seed(seed)
-    return randomize(RepViT(rows, stem_strides, neck_channels), seed)
+    return randomize(RepViT(rows, stem_strides, neck_channels), seed, calibration)
 
 
 def state_dict_numpy(module: nn.Module, prefix: str = "") -> dict:
