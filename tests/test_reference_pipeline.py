@@ -75,7 +75,7 @@ def test_large_2d_image_with_many_boxes_matches_the_pytorch_reference_pipeline(b
                              for box in boxes])
     reference = np.zeros(original_hw, np.uint8)             # the script's loop, as infer_2d
     for label, box_logits in enumerate(logits, start=1):
-        reference[postprocess_reference(box_logits, new_hw, original_hw) > 0] = label
+        reference[postprocess_reference(box_logits[None], new_hw, original_hw) > 0] = label
     assert len(np.unique(reference)) > 10
     ours = np.zeros_like(reference)
     paint_logits(ours, logits, range(1, len(boxes) + 1), new_hw)

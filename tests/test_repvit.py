@@ -127,7 +127,7 @@ def test_m1_0_converted_matches_torch(m1_0_case):
     assert np.abs(y_torch).max() > 1.0             # LayerNorm output: O(1), not vanishing
     diff = np.abs(y_jax - y_torch).max()
     print(f"m1_0 unfused JAX vs torch max abs diff: {diff:.3g}")
-    assert diff < 1e-3
+    assert diff < 9e-5                                  # 5x the measured 1.8e-5
 
 
 @pytest.mark.slow
@@ -141,7 +141,7 @@ def test_m1_0_folded_matches_torch_fused_and_unfused(m1_0_case):
     vs_torch = np.abs(np.asarray(y_folded) - y_torch_fused).max()
     vs_unfused = np.abs(np.asarray(y_folded) - m1_0_case["y_jax"]).max()
     print(f"m1_0 folded JAX vs torch fused: {vs_torch:.3g}; vs JAX unfused: {vs_unfused:.3g}")
-    assert vs_torch < 1e-4 and vs_unfused < 1e-4
+    assert vs_torch < 8.5e-5 and vs_unfused < 6.2e-5    # 5x the measured 1.7e-5, 1.2e-5
 
 
 # --- tiny variant -----------------------------------------------------------------------------
