@@ -151,6 +151,7 @@ def _paint_where_positive(target: np.ndarray, logits: np.ndarray, rows: Neighbou
     # threshold can fall on the other side, and only they are recomputed the exact way
     # (everywhere in float64 it would take twice as long).
     margin = np.float32(2.0 ** -21) * np.float32(np.abs(columns).max())
+    near_zero = margin + SIGMOID_HALF_BOUND
     value = np.asarray(value, dtype=target.dtype)
     for start in range(0, stop - first, block):
         end = min(start + block, stop - first)
@@ -162,8 +163,8 @@ def _paint_where_positive(target: np.ndarray, logits: np.ndarray, rows: Neighbou
         np.multiply(lower[:n], lower_weight[start:end], out=blend[:n])
         np.add(blend[:n], upper[:n], out=blend[:n])
         np.greater(blend[:n], SIGMOID_HALF_BOUND, out=positive[:n])
-        np.subtract(blend[:n], SIGMOID_HALF_BOUND, out=blend[:n])
-        np.less_equal(np.abs(blend[:n], out=blend[:n]), margin, out=near[:n])
+        # |blend| <= margin + bound covers |blend - bound| <= margin, one pass fewer.
+        np.less_equal(np.abs(blend[:n], out=blend[:n]), near_zero, out=near[:n])
         if near[:n].any():
             i, j = np.nonzero(near[:n])
             exact = _weighted_sum(lower[i, j], lower_weight[start + i, 0], upper[i, j], 1.0)
