@@ -3,8 +3,9 @@
 Per box (SPEC §7.1): the (256, 256) low-resolution logits are cropped to the valid
 (newh, neww) block, resized bilinearly to the original (H, W) with PyTorch's
 `interpolate(mode="bilinear", align_corners=False)` semantics (no antialiasing, also when
-shrinking), and thresholded at logit > 0 (the reference's sigmoid > 0.5; the two differ
-only for float32 logits in (0, ~1.2e-7], where float32 sigmoid rounds to exactly 0.5).
+shrinking), rounded as PyTorch's CPU kernel rounds, and thresholded as the reference's float32
+``sigmoid(x) > 0.5``, which holds exactly for x > ``SIGMOID_HALF_BOUND``. The masks are the
+reference's pixel for pixel (tests/test_reference_pipeline.py, 1536 x 2040 with 19 boxes).
 """
 
 from __future__ import annotations
@@ -36,13 +37,33 @@ def _linear_source_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.
 
 Neighbours = tuple[np.ndarray, np.ndarray, np.ndarray]   # from _linear_source_indices
 
+# PyTorch's float32 sigmoid(x) > 0.5 holds exactly for x > 3 * 2**-24 / 2 (8.94e-8): below it
+# the sigmoid rounds to 0.5 (checked for torch 2.13 on x86-64 with its AVX512, AVX2 and default
+# CPU kernels). A threshold at 0 instead marks the pixels whose resized logit lies in
+# (0, 8.94e-8] that the reference leaves out: on 1536 x 2040 images with 19 boxes, a few per
+# image, the near-zero values being common where an 8x upsampling crosses a mask boundary.
+SIGMOID_HALF_BOUND = np.float32(3 * 2.0 ** -25)
+
+
+def _weighted_sum(lower: np.ndarray, lower_weight: np.ndarray, upper: np.ndarray,
+                  upper_weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """lower * lower_weight + upper * upper_weight (float32, broadcast) rounded as PyTorch's CPU
+    bilinear kernel rounds it: the upper product rounded to float32, then one fused
+    multiply-add (the lower product is not rounded). Emulated in float64, where the product of
+    two float32 numbers is exact; a plain float32 sum is 1 ulp off for about a third of the
+    pixels, which flips the sign of some near-zero logits. out: float64 scratch of the
+    result's shape, or None. Returns float32."""
+    total = np.multiply(lower, lower_weight, out=out, dtype=np.float64)
+    total += np.multiply(upper, upper_weight)
+    return total.astype(np.float32)
+
 
 def _blend_columns(images: np.ndarray, cols: Neighbours) -> np.ndarray:
     """The width half of the blend: images (..., w) float32 -> (..., len(cols[0])) float32."""
     col_lo, col_hi, col_weight = cols
     # np.take is markedly faster than fancy indexing for these gathers.
-    return (np.take(images, col_lo, axis=-1) * (np.float32(1.0) - col_weight)
-            + np.take(images, col_hi, axis=-1) * col_weight)
+    return _weighted_sum(np.take(images, col_lo, axis=-1), np.float32(1.0) - col_weight,
+                         np.take(images, col_hi, axis=-1), col_weight)
 
 
 def _blend(images: np.ndarray, rows: Neighbours, cols: Neighbours) -> np.ndarray:
@@ -57,8 +78,8 @@ def _blend(images: np.ndarray, rows: Neighbours, cols: Neighbours) -> np.ndarray
     row_lo, row_hi, row_weight = rows
     columns = _blend_columns(images, cols)
     row_weight = row_weight[:, None]
-    return (np.take(columns, row_lo, axis=-2) * (np.float32(1.0) - row_weight)
-            + np.take(columns, row_hi, axis=-2) * row_weight)
+    return _weighted_sum(np.take(columns, row_lo, axis=-2), np.float32(1.0) - row_weight,
+                         np.take(columns, row_hi, axis=-2), row_weight)
 
 
 def resize_bilinear(images: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -99,12 +120,13 @@ ROW_BLOCK = 64
 def _paint_where_positive(target: np.ndarray, logits: np.ndarray, rows: Neighbours,
                           cols: Neighbours, window: tuple[slice, slice], value,
                           row_span: range) -> None:
-    """target[i, j] = value wherever the bilinear blend of ``logits`` at output (i, j) is > 0,
-    for the output rows i in ``row_span`` and the (row, column) ``window``.
+    """target[i, j] = value wherever the bilinear blend of ``logits`` at output (i, j) is
+    > ``SIGMOID_HALF_BOUND``, for the output rows i in ``row_span`` and the (row, column)
+    ``window``.
 
     target: (H, W), the whole output frame; logits: (h, w) float32; rows, cols: the source
-    neighbours of every output row and column (h -> H, w -> W). The blend is ``_blend``'s,
-    operation for operation (same float32 roundings), one block of rows at a time.
+    neighbours of every output row and column (h -> H, w -> W). The blend is ``_blend``'s
+    (the same float32 roundings wherever they decide the sign), one block of rows at a time.
     """
     first = max(window[0].start, row_span.start)
     stop = min(window[0].stop, row_span.stop)
@@ -121,18 +143,32 @@ def _paint_where_positive(target: np.ndarray, logits: np.ndarray, rows: Neighbou
     block = min(ROW_BLOCK, stop - first)
     lower = np.empty((block, columns.shape[1]), np.float32)
     upper = np.empty_like(lower)
+    blend = np.empty_like(lower)
     positive = np.empty(lower.shape, bool)
+    near = np.empty(lower.shape, bool)
+    # The plain float32 blend differs from _weighted_sum's by less than 3 half-ulps of the
+    # largest value blended (two roundings against one): only pixels that close to the
+    # threshold can fall on the other side, and only they are recomputed the exact way
+    # (everywhere in float64 it would take twice as long).
+    margin = np.float32(2.0 ** -21) * np.float32(np.abs(columns).max())
+    near_zero = margin + SIGMOID_HALF_BOUND
     value = np.asarray(value, dtype=target.dtype)
     for start in range(0, stop - first, block):
         end = min(start + block, stop - first)
         n = end - start
         # mode="clip": the indices are in range, and "raise" would buffer the output.
         np.take(columns, row_lo[start:end], axis=0, out=lower[:n], mode="clip")
-        np.multiply(lower[:n], lower_weight[start:end], out=lower[:n])
         np.take(columns, row_hi[start:end], axis=0, out=upper[:n], mode="clip")
         np.multiply(upper[:n], upper_weight[start:end], out=upper[:n])
-        np.add(lower[:n], upper[:n], out=lower[:n])
-        np.greater(lower[:n], np.float32(0.0), out=positive[:n])
+        np.multiply(lower[:n], lower_weight[start:end], out=blend[:n])
+        np.add(blend[:n], upper[:n], out=blend[:n])
+        np.greater(blend[:n], SIGMOID_HALF_BOUND, out=positive[:n])
+        # |blend| <= margin + bound covers |blend - bound| <= margin, one pass fewer.
+        np.less_equal(np.abs(blend[:n], out=blend[:n]), near_zero, out=near[:n])
+        if near[:n].any():
+            i, j = np.nonzero(near[:n])
+            exact = _weighted_sum(lower[i, j], lower_weight[start + i, 0], upper[i, j], 1.0)
+            positive[i, j] = exact > SIGMOID_HALF_BOUND
         np.copyto(target[first + start:first + end, col_window], value, where=positive[:n])
 
 
@@ -163,9 +199,9 @@ def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
     original_hw: (H, W) of the original image or slice;
     workers: threads resizing masks side by side (None: every core for large outputs, else 1).
 
-    Equal to ``resize_bilinear(cropped, original_hw) > 0``, but computed only inside the window
-    of each mask that can be positive (``_positive_window``), with the whole image's indices and
-    weights, so the values there are the same; an object is usually a small part of a large
+    Equal to ``resize_bilinear(cropped, original_hw) > SIGMOID_HALF_BOUND``, but computed only
+    inside the window of each mask that can be positive (``_positive_window``), with the whole
+    image's indices and weights, so the values there are the same; an object is usually a small part of a large
     image (19 cells on a 1536 x 2040 micrograph: 1.5 s of resizing became a few hundredths).
     """
     cropped = _crop(low_res_logits, new_hw)

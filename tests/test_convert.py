@@ -41,8 +41,9 @@ def test_converted_rep_medsam_matches_pytorch_unfused_and_folded(torch_rep_medsa
     folded_error = np.abs(got_folded - want_fused).max()
     print(f"encoder max abs diff: unfused {unfused_error:.2e}, folded {folded_error:.2e}, "
           f"folded vs unfused (JAX) {np.abs(got_folded - got).max():.2e}")
-    assert unfused_error < 1e-3 and folded_error < 1e-3
-    assert np.abs(got_folded - got).max() < 1e-4
+    # 5x the measured 6.7e-6 / 8.5e-6 / 8.8e-6 (embedding of largest |value| about 4).
+    assert unfused_error < 3.5e-5 and folded_error < 4.5e-5
+    assert np.abs(got_folded - got).max() < 4.5e-5
 
     boxes = np.array([[30, 40, 200, 180], [0, 0, 255, 255], [100, 90, 140, 120]], np.float32)
     with torch.no_grad():
@@ -55,7 +56,7 @@ def test_converted_rep_medsam_matches_pytorch_unfused_and_folded(torch_rep_medsa
     decoder_error = max(np.abs(np.asarray(got_logits) - logits[:, 0].numpy()).max(),
                         np.abs(np.asarray(got_iou) - iou[:, 0].numpy()).max())
     print(f"decoder max abs diff (3 boxes, one embedding): {decoder_error:.2e}")
-    assert decoder_error < 1e-3
+    assert decoder_error < 1.2e-6                       # 5x the measured 2.3e-7
 
 
 def test_wrapped_checkpoint_loads_like_a_raw_one(torch_rep_medsam, tmp_path, capsys):

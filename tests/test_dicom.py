@@ -55,7 +55,7 @@ def _write_slice(path: Path, pixels: np.ndarray, position=(0.0, 0.0, 0.0), orien
 
 
 def _window(hu: np.ndarray, low=-160.0, high=240.0) -> np.ndarray:
-    """SPEC §6.2's CT rule, by hand: clip, min-max over the clipped range, truncate."""
+    """The challenge's CT rule (window 40 / 400), by hand: clip, min-max over the clipped range, truncate."""
     clipped = np.clip(hu.astype(np.float64), low, high)
     return ((clipped - clipped.min()) / (clipped.max() - clipped.min()) * 255).astype(np.uint8)
 

@@ -22,7 +22,8 @@ def test_export_directory_has_verified_models_and_metadata(tiny_export_dir):
     for name, digest in meta["checksums"].items():
         assert hashlib.sha256((tiny_export_dir / name).read_bytes()).hexdigest() == digest
     errors = meta["verification"]["max_abs_error"]
-    assert 0 <= errors["encoder"] <= 1e-3 and 0 <= errors["decoder"] <= 1e-3
+    # Measured 5.8e-6 / 6.6e-7 (embeddings and logits of scale 4 and 0.7): 5x margins.
+    assert 0 < errors["encoder"] < 3e-5 and 0 < errors["decoder"] < 3.5e-6
     assert {"jax", "jax2onnx", "onnxruntime"} <= set(meta["versions"])
 
 
@@ -78,7 +79,9 @@ def test_int8_export_records_speed_and_mask_agreement(tiny_model_dir, tmp_path):
     assert (tmp_path / "export" / "encoder_int8.onnx").is_file()
     assert "encoder_int8.onnx" in meta["checksums"]
     assert int8["calibration_images"] == 16 and int8["latency_int8_s"] > 0
-    assert 0.0 <= int8["mask_dsc_int8_vs_fp32"] <= 1.0
+    # Mask agreement of int8 with fp32 on the phantom cases: int8 rounding moves some pixels
+    # (below 1), but the masks stay close.
+    assert 0.5 < int8["mask_dsc_int8_vs_fp32"] < 1.0
     import onnx
 
     model = onnx.load(str(tmp_path / "export" / "encoder_int8.onnx"))

@@ -1,4 +1,4 @@
-"""BN folding (SPEC §2): each foldable unit against direct unfolded evaluation in PyTorch, hand
+"""BN folding (RepViT's replace_batchnorm): each foldable unit against direct unfolded evaluation in PyTorch, hand
 values, and the whole tiny encoder folded against the PyTorch reference's replace_batchnorm."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _torch_nhwc(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 # (in, out, kernel, stride, pad, groups, input size): full 3x3, strided depthwise on even and
-# odd inputs (the padding quirk of SPEC §2), pointwise, a 5x5 strided depthwise.
+# odd inputs (RepViT's padding quirk), pointwise, a 5x5 strided depthwise.
 CONV_BN_CASES = [
     (5, 7, 3, 1, 1, 1, 9),
     (6, 6, 3, 2, 1, 6, 10),
@@ -195,7 +195,7 @@ def test_fold_rejects_trees_that_do_not_fold_into_the_config():
 
 
 def test_fold_is_exact_only_with_running_statistics():
-    """SPEC §2 quirk 1: the folded net reproduces inference mode, not train-mode BN."""
+    """Folding quirk: the folded net reproduces inference mode, not train-mode BN."""
     _, variables = _converted_tiny(0)
     x = np.random.default_rng(3).random(TINY_INPUT_SHAPE, dtype=np.float32)
     y_folded, _ = forward_deploy(fold(variables, TINY), x)

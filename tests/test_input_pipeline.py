@@ -1,8 +1,8 @@
 """Input pipeline on built-in phantom data: build, read back, splits, determinism, resumption
-(build and iteration), bad input, and the SPEC §6 preprocessing through the whole path.
+(build and iteration), bad input, and the challenge preprocessing through the whole path.
 
 Expected values come from the raw case files read here with NumPy / OpenCV / nibabel directly
-(the SPEC names OpenCV INTER_AREA / INTER_NEAREST as the reference resize), or by hand.
+(the authors' scripts resize with OpenCV INTER_AREA / INTER_NEAREST), or by hand.
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def _all_records_train(dataset_dir: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing on hand-made inputs (SPEC §6): rounding, CT window, percentiles, NIfTI pairs
+# Preprocessing on hand-made inputs: rounding, CT window, percentiles, NIfTI pairs
 # --------------------------------------------------------------------------------------------
 
 def test_resize_rounds_half_up_and_only_foreground_slices_are_kept(tmp_path):

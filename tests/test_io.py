@@ -1,6 +1,6 @@
 """Reading and writing cases: challenge npz, NIfTI geometry, PNG/JPEG, sidecars, errors, atomicity.
 
-Expected values are worked out by hand from the formats' definitions (SPEC §6.1, §6.2), and test
+Expected values are worked out by hand from the formats' definitions and the challenge's rules, and test
 inputs are written with independent libraries (Pillow for images, nibabel directly for NIfTI).
 """
 

@@ -1,4 +1,4 @@
-"""Losses against hand-computed values (SPEC §8.2) and against PyTorch's BCE."""
+"""Losses against hand-computed values and against PyTorch's BCE."""
 
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ from tests.reference.randomise import randomise_, torch_state
 from tests.reference.sam_modeling import load_sam_modeling
 
 TOLERANCE = 1e-3
+# The full-size decoder vs segment-anything (README "Exactness": 5.6e-6), with a 5x margin.
+FULL_DECODER_BOUND = 2.8e-5
 SMALL = DecoderConfig(embed_dim=64, num_heads=4, mlp_dim=256, iou_head_hidden_dim=64)
 FULL = DecoderConfig()
 SMALL_GRID = 16   # embedding grid of the fast tests; masks come out 64x64
@@ -97,7 +99,7 @@ def test_reference_decoder_has_120_keys_all_taken():
     reader.finish()
     leaves = jax.tree_util.tree_leaves(variables)
     assert len(leaves) == 120
-    assert sum(leaf.size for leaf in leaves) == 4_058_340   # SPEC §0
+    assert sum(leaf.size for leaf in leaves) == 4_058_340   # segment-anything's decoder
 
 
 def test_converted_tree_matches_init_tree(small_decoder):
@@ -286,12 +288,12 @@ def test_full_size_boxes_end_to_end():
         print(f"decoder full N=5 multimask={multimask}: max abs diff masks {mask_diff:.1e} "
               f"(|ref| max {ref_masks.abs().max():.1f}), iou {iou_diff:.1e}; "
               f"jit+run {seconds:.1f} s")
-        assert mask_diff < TOLERANCE and iou_diff < TOLERANCE
+        assert mask_diff < FULL_DECODER_BOUND and iou_diff < FULL_DECODER_BOUND
 
 
 # --- every product order of Attention vs the formula ----------------------------------------
 # Attention picks how to order its products from the shapes (transformer.py); each order must
-# equal SAM's plain multi-head attention, written here in NumPy float64 (SPEC §3.3).
+# equal SAM's plain multi-head attention, written here in NumPy float64.
 
 
 def _reference_attention(params, q, k, v, heads):

@@ -1,4 +1,4 @@
-"""The composed model: shapes, parameter counts (SPEC §0), many boxes on one embedding."""
+"""The composed model: shapes, parameter counts, many boxes on one embedding."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Tests for rep_medsam_jax.metrics (DSC, NSD, folder evaluation).
 
 Independent references: hand-computed geometry (marching-cubes cell areas, a box's exact
-surface, the SPEC's 882-surfel square, a shifted square) and a brute-force NSD written
-here (explicit corner enumeration with Python loops and pairwise distances instead of
-correlate + distance transforms).
+surface, the challenge evaluation's 882-surfel square, a shifted square), a code -> area table
+built from hand-computed cells alone, and a brute-force NSD written here (explicit corner
+enumeration with Python loops and pairwise distances instead of correlate + distance
+transforms).
 """
 
 import csv
@@ -55,6 +56,10 @@ HAND_AREAS = {
     "two opposite edges: two rectangles": ([(0, 0, 0), (1, 0, 0), (0, 1, 1), (1, 1, 1)], SQRT2),
     "alternating tetrahedron: four triangles": ([(0, 0, 0), (1, 1, 0), (1, 0, 1), (0, 1, 1)], SQRT3 / 2),
     "edge plus opposite corner": ([(0, 0, 0), (1, 0, 0), (1, 1, 1)], SQRT2 / 2 + SQRT3 / 8),
+    "three corners, none adjacent: three triangles": ([(0, 0, 0), (1, 1, 0), (1, 0, 1)],
+                                                      3 * SQRT3 / 8),
+    "L of three and a lone corner: pentagon and triangle": (
+        [(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 1)], 0.5 + SQRT3 / 4 + SQRT3 / 4),
 }
 
 
@@ -105,6 +110,28 @@ def _transform_code(code, permutation, flips):
     return code_of(moved)
 
 
+def hand_area_table() -> np.ndarray:
+    """(256,) area of every neighbour code at unit spacing, from HAND_AREAS alone: each code is
+    matched to a hand-computed cell by a cube symmetry, possibly after swapping inside and
+    outside (marching cubes' cases). Independent of the module's table."""
+    table = np.full(256, np.nan)
+    table[0] = table[255] = 0.0
+    for corners, area in HAND_AREAS.values():
+        for permutation, flips in _cube_symmetries():
+            moved = _transform_code(code_of(corners), permutation, flips)
+            table[moved] = table[255 - moved] = area
+    return table
+
+
+def test_hand_areas_cover_every_code_and_equal_the_module_table():
+    table = hand_area_table()
+    assert not np.isnan(table).any()                  # the hand cells are all the cases
+    np.testing.assert_allclose(metrics.surfel_area_table((1.0, 1.0, 1.0)), table, rtol=0,
+                               atol=1e-12)
+    np.testing.assert_allclose(metrics.surfel_area_table((1.7, 1.7, 1.7)), 1.7 ** 2 * table,
+                               rtol=1e-12)
+
+
 def test_surfel_area_invariant_under_cube_symmetries():
     spacing = np.array([2.5, 0.7, 1.3])
     table = metrics.surfel_area_table(spacing)
@@ -145,7 +172,7 @@ def test_sphere_area_close_to_analytic():
 
 
 def test_square_as_one_slice_volume_has_882_surfels():
-    # SPEC §9.1: a 20x20 square as a (20, 20, 1) volume gives 21*21*2 surface corners.
+    # The challenge's NSD on 2D: a 20x20 square as a (20, 20, 1) volume gives 21*21*2 surface corners.
     square = np.zeros((30, 30, 1), dtype=bool)
     square[5:25, 5:25] = True
     distances = metrics.compute_surface_distances(square, square, (1.0, 1.0, 1.0))
@@ -242,9 +269,11 @@ def test_case_metrics_spacing_used_as_stored():
 # ---------------------------------------------------------------------------
 
 
-def brute_force_surfels(mask, spacing):
-    """Surface corner indices (K, 3) and their areas (K,), by loops over every corner."""
-    table = metrics.surfel_area_table(spacing)
+def brute_force_surfels(mask, spacing, table=None):
+    """Surface corner indices (K, 3) and their areas (K,), by loops over every corner.
+    table: the code -> area table (256,); default the module's (for checks of the distance
+    machinery alone); the hand-computed one ties the whole NSD to the definition."""
+    table = metrics.surfel_area_table(spacing) if table is None else table
     shape = mask.shape
     points, areas = [], []
     for corner in itertools.product(*(range(n + 1) for n in shape)):
@@ -264,9 +293,9 @@ def pairwise_distances(points_a, points_b, spacing):
     return np.linalg.norm((points_a[:, None, :] - points_b[None, :, :]) * np.asarray(spacing, float), axis=-1)
 
 
-def brute_force_nsd(gt, pred, spacing, tolerance):
-    gt_points, gt_areas = brute_force_surfels(gt, spacing)
-    pred_points, pred_areas = brute_force_surfels(pred, spacing)
+def brute_force_nsd(gt, pred, spacing, tolerance, table=None):
+    gt_points, gt_areas = brute_force_surfels(gt, spacing, table)
+    pred_points, pred_areas = brute_force_surfels(pred, spacing, table)
     if len(gt_points) == 0 or len(pred_points) == 0:
         return 0.0
     pairwise = pairwise_distances(gt_points, pred_points, spacing)
@@ -292,6 +321,22 @@ def test_nsd_matches_brute_force_3d(seed):
     for tolerance in (0.0, 0.6, 1.0, 1.5, 2.0, 3.0):
         expected = brute_force_nsd(gt, pred, spacing, tolerance)
         assert metrics.surface_dice_at_tolerance(gt, pred, spacing, tolerance) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nsd_matches_brute_force_with_hand_computed_areas(seed):
+    """Isotropic spacing: every area from the hand-computed cells (scaled by s^2), every
+    distance from explicit pairs; the challenge's tolerance of 2 and others around it."""
+    rng = np.random.default_rng(200 + seed)
+    shape = (6, 7, 5)
+    gt = _random_blob(rng, shape, 0.35)
+    pred = gt ^ (rng.random(shape) < 0.15)
+    for s in (1.0, 0.7):
+        table = hand_area_table() * s * s
+        for tolerance in (0.0, 1.0, 1.5, 2.0, 3.0):
+            expected = brute_force_nsd(gt, pred, (s, s, s), tolerance, table)
+            got = metrics.surface_dice_at_tolerance(gt, pred, (s, s, s), tolerance)
+            assert got == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(3))

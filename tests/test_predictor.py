@@ -1,4 +1,5 @@
-"""The case procedures (SPEC §7 with the §10 fixes), the folder runner and the backends."""
+"""The case procedures (the authors' inference with the fixes of docs/differences.md), the
+folder runner and the backends."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_2d_more_than_255_boxes_gives_uint16_labels():
 
 
 def test_3d_slice_zero_is_segmented_when_the_box_starts_there():
-    # baseline_infer.py stopped its downward loop at slice 1 (SPEC §7.3 / §10): fixed.
+    # baseline_infer.py stopped its downward loop at slice 1 (docs/differences.md): fixed.
     volume = _bright_volume()
     segs = predict_3d(ThresholdBackend(), volume, np.array([[18, 14, 0, 42, 50, 3]]))
     assert segs[0].any() and segs[1].any() and segs[3].any()
@@ -108,11 +109,19 @@ def test_3d_propagation_follows_the_previous_mask():
     assert segs[0, 120, 46] == 1 and segs[0, 120, 36] == 0
 
 
-def test_phantom_cases_segmented_by_threshold_backend_match_ground_truth():
-    rng = np.random.default_rng(3)
-    image, gts, boxes = make_case_2d(rng, "CT", 128)
+def test_bright_rectangles_segmented_by_the_threshold_backend_match_their_labels():
+    # Rectangles with even edges: the backend's 4-px grid at 256 is every 2nd pixel at 128, so
+    # its answer is known exactly. A bright patch outside every box stays background.
+    image = np.full((128, 128, 3), 20, np.uint8)
+    expected = np.zeros((128, 128), np.uint8)
+    rectangles = [(10, 20, 40, 50), (60, 30, 100, 44), (70, 80, 90, 120)]   # y0, x0, y1, x1
+    for label, (y0, x0, y1, x1) in enumerate(rectangles, start=1):
+        image[y0:y1, x0:x1] = 230
+        expected[y0:y1, x0:x1] = label
+    image[110:120, 4:14] = 230
+    boxes = np.array([[x0 - 4, y0 - 4, x1 + 3, y1 + 3] for y0, x0, y1, x1 in rectangles])
     segs = predict_2d(ThresholdBackend(), image, boxes)
-    assert segs.shape == gts.shape and segs.max() <= len(boxes)
+    np.testing.assert_array_equal(segs, expected)
 
 
 def _write_bad_cases(folder: Path) -> None:
@@ -183,8 +192,9 @@ def test_onnx_and_jax_backends_give_the_same_masks(tiny_model_dir, tiny_export_d
     image, _, boxes = make_case_2d(rng, "Endoscopy", 160)
     volume, _, boxes3d, _ = make_case_3d(rng, "MR", (8, 72, 96))
     tensor = preprocess_image(image)[0][None]
+    # Embeddings of largest |value| about 4.5; measured 2e-4 on this phantom.
     np.testing.assert_allclose(onnx_backend.encode(tensor), jax_backend.encode(tensor),
-                               atol=1e-4)
+                               rtol=0, atol=1e-3)
     for a, b in [(predict_2d(onnx_backend, image, boxes), predict_2d(jax_backend, image, boxes)),
                  (predict_3d(onnx_backend, volume, boxes3d),
                   predict_3d(jax_backend, volume, boxes3d))]:
@@ -193,8 +203,9 @@ def test_onnx_and_jax_backends_give_the_same_masks(tiny_model_dir, tiny_export_d
 
 
 def _predict_3d_box_by_box(backend, volume, boxes):
-    """SPEC §7.3 written plainly, the independent reference for the batched sweeps: each box in
-    turn, every slice encoded afresh, one decode per box per slice, painted in box order."""
+    """The authors' 3D propagation written plainly, the independent reference for the batched
+    sweeps: each box in turn, every slice encoded afresh, one decode per box per slice,
+    painted in box order."""
     import cv2
 
     depth, height, width = volume.shape

@@ -170,13 +170,21 @@ def test_resize_bilinear_matches_torch(in_hw, out_hw):
                                                mode="bilinear", align_corners=False)[0].numpy()
     out = postprocess.resize_bilinear(images, out_hw)
     assert out.shape == (2,) + out_hw and out.dtype == np.float32
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    if in_hw == (5, 7):      # a tiny shrink, no crop the predictor meets: 1 ulp apart
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(out, expected)      # PyTorch's roundings, bit for bit
 
 
-@pytest.mark.parametrize("new_hw, original_hw", [((219, 256), (480, 560)), ((256, 95), (100, 37))])
+@pytest.mark.parametrize("new_hw, original_hw", [((219, 256), (480, 560)), ((256, 95), (100, 37)),
+                                                  ((193, 256), (1536, 2040))])
 def test_logits_to_mask_matches_torch_pipeline(new_hw, original_hw):
-    rng = np.random.default_rng(3)
-    logits = (rng.standard_normal((3, 256, 256)) * 4).astype(np.float32)
+    """Pixel for pixel, near-zero logits included: the 8x upsampling to 1536 x 2040 meets
+    resized logits where float32 rounding (seed 6: one pixel whose sign a plain float32 blend
+    gets wrong) and the sigmoid's threshold decide the pixel."""
+    large = original_hw == (1536, 2040)
+    rng = np.random.default_rng(6 if large else 3)
+    logits = (rng.standard_normal((3, 256, 256)) * (1 if large else 4)).astype(np.float32)
     logits[:, new_hw[0]:, :] = 50.0  # padding region must be cropped away
     logits[:, :, new_hw[1]:] = 50.0
     cropped = torch.from_numpy(logits)[:, None, : new_hw[0], : new_hw[1]]
@@ -184,8 +192,7 @@ def test_logits_to_mask_matches_torch_pipeline(new_hw, original_hw):
     expected = (torch.sigmoid(resized) > 0.5)[:, 0].numpy()
     masks = postprocess.logits_to_mask(logits, new_hw, original_hw)
     assert masks.shape == (3,) + original_hw and masks.dtype == bool
-    near_zero = np.abs(resized[:, 0].numpy()) < 1e-5
-    np.testing.assert_array_equal(masks[~near_zero], expected[~near_zero])
+    np.testing.assert_array_equal(masks, expected)
 
 
 def test_paint_labels_overwrite_order_and_dtype():

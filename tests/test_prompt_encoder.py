@@ -80,7 +80,7 @@ def test_converted_tree_matches_init_tree(small_pair):
 
 
 def test_reference_parameter_count():
-    """SPEC §0: 6,220 prompt-encoder parameters (the Gaussian buffer is not a parameter)."""
+    """6,220 prompt-encoder parameters (the Gaussian buffer is not a parameter)."""
     variables = jax.eval_shape(lambda: PromptEncoder().init(jax.random.PRNGKey(0),
                                                             boxes=jnp.zeros((1, 4))))
     sizes = {"/".join(str(k.key) for k in path): leaf.size
@@ -170,7 +170,7 @@ def test_matches_segment_anything_full_size():
 
 
 def test_box_embedding_by_hand(small_pair):
-    """One box, computed from the SPEC's formula with NumPy (independent of both models)."""
+    """One box, computed from segment-anything's formula with NumPy (independent of both models)."""
     torch_encoder, jax_encoder, variables = small_pair
     params = variables["params"]
     image = torch_encoder.input_image_size[0]

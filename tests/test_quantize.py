@@ -51,9 +51,9 @@ def test_sensitive_nodes_are_found_by_structure(prepared):
     convs = [node for node in model.graph.node if node.op_type == "Conv"]
 
     assert groups["stem"] == [convs[0].name]
-    assert _kernel_size(model, convs[0]) == (3, 3)             # SPEC: stem conv 3x3, 3 -> C/2
+    assert _kernel_size(model, convs[0]) == (3, 3)             # RepViT stem: conv 3x3, 3 -> C/2
 
-    # SPEC neck: Conv 1x1 -> LayerNorm2d -> Conv 3x3 -> LayerNorm2d, ending at the output.
+    # SAM's neck: Conv 1x1 -> LayerNorm2d -> Conv 3x3 -> LayerNorm2d, ending at the output.
     neck = [by_name[name] for name in groups["neck"]]
     assert [_kernel_size(model, n) for n in neck if n.op_type == "Conv"] == [(1, 1), (3, 3)]
     assert [n.op_type for n in neck].count("Sqrt") == 2

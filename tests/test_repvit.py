@@ -1,5 +1,5 @@
-"""The RepViT encoder (SPEC §1) and its converter (SPEC §5.3) against the PyTorch reference in
-tests/reference/repvit_torch.py and the SPEC's verified counts and shapes."""
+"""The RepViT encoder and its converter against the PyTorch reference in
+tests/reference/repvit_torch.py and the original model's counts and shapes."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ M1_0 = REPVIT_VARIANTS["rep_medsam_m1_0"]
 TINY = REPVIT_VARIANTS["rep_medsam_tiny"]
 PREFIX = "image_encoder."
 
-# SPEC §1.2, "Per-feature parameter counts (unfused, verified)".
+# Per-feature parameter counts of the unfused m1.0 encoder.
 M1_0_FEATURE_PARAMS = {
     "stem": 15_036, "block_1": 15_584, "block_2": 13_720, "block_3": 13_720,
     "block_4": 57_960, "block_5": 59_840, "block_6": 52_528, "block_7": 52_528,
@@ -74,7 +74,7 @@ def test_torch_reference_matches_spec_counts_and_keys():
     assert len(keys) == 706
     assert sum(k.endswith("num_batches_tracked") for k in keys) == 106
     assert ref.parameter_count(module) == 6_505_532
-    # Key layout details of SPEC §5.3.
+    # Key layout details of the Rep-MedSAM checkpoint.
     assert "features.24.channel_mixer.0.c.weight" in keys
     assert "features.23.channel_mixer.m.0.c.weight" in keys
     assert "features.4.token_mixer.2.c.weight" in keys
@@ -108,7 +108,10 @@ def test_m1_0_block_layout_and_feature_shapes_at_256():
 
 @pytest.fixture(scope="module")
 def m1_0_case():
-    module = ref.build_reference(M1_0.rows, M1_0.stem_strides, M1_0.neck_channels, seed=7)
+    # BatchNorm statistics calibrated on noise images: the embedding depends on the image.
+    calibration = torch.rand(4, 3, 256, 256, generator=torch.Generator().manual_seed(70))
+    module = ref.build_reference(M1_0.rows, M1_0.stem_strides, M1_0.neck_channels, seed=7,
+                                 calibration=calibration)
     x = np.random.default_rng(7).random((1, 256, 256, 3), dtype=np.float32)
     variables = _convert(module, M1_0)
     y_torch = _torch_forward_nhwc(module, x)
@@ -124,7 +127,7 @@ def test_m1_0_converted_matches_torch(m1_0_case):
     assert np.abs(y_torch).max() > 1.0             # LayerNorm output: O(1), not vanishing
     diff = np.abs(y_jax - y_torch).max()
     print(f"m1_0 unfused JAX vs torch max abs diff: {diff:.3g}")
-    assert diff < 1e-3
+    assert diff < 9e-5                                  # 5x the measured 1.8e-5
 
 
 @pytest.mark.slow
@@ -138,7 +141,7 @@ def test_m1_0_folded_matches_torch_fused_and_unfused(m1_0_case):
     vs_torch = np.abs(np.asarray(y_folded) - y_torch_fused).max()
     vs_unfused = np.abs(np.asarray(y_folded) - m1_0_case["y_jax"]).max()
     print(f"m1_0 folded JAX vs torch fused: {vs_torch:.3g}; vs JAX unfused: {vs_unfused:.3g}")
-    assert vs_torch < 1e-4 and vs_unfused < 1e-4
+    assert vs_torch < 8.5e-5 and vs_unfused < 6.2e-5    # 5x the measured 1.7e-5, 1.2e-5
 
 
 # --- tiny variant -----------------------------------------------------------------------------

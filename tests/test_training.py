@@ -7,7 +7,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -368,7 +367,6 @@ def test_checkpoint_of_another_variant_is_refused(tmp_path):
 
 
 def test_train_cli_fails_fast_with_a_clear_message(tmp_path):
-    started = time.time()
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "local.py"),
          "--workdir", str(tmp_path / "w"), "--set", "optim.learning_rate=-0.001"],
@@ -376,4 +374,4 @@ def test_train_cli_fails_fast_with_a_clear_message(tmp_path):
     assert result.returncode == 2
     assert "config error: optim.learning_rate must be > 0" in result.stderr
     assert not (tmp_path / "w").exists()                 # nothing was started
-    assert time.time() - started < 60
+    assert "Traceback" not in result.stderr              # refused by the check, not a crash

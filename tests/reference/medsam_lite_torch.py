@@ -1,8 +1,8 @@
-"""A PyTorch reference of the whole Rep-MedSAM model and its challenge inference (SPEC §6-§7).
+"""A PyTorch reference of the whole Rep-MedSAM model and its challenge inference.
 
-The encoder is our own SPEC §1 reference (``repvit_torch``); the prompt encoder and mask decoder
+The encoder is our own RepViT reference (``repvit_torch``); the prompt encoder and mask decoder
 are segment-anything 1.0's originals. The inference functions follow
-``CVPR24_LiteMedSAM_infer.py`` as SPEC §6.4 and §7 describe it, reference quirks included
+``CVPR24_LiteMedSAM_infer.py`` (``baseline_infer.py`` for the original 3D loop), quirks included
 (``get_bbox256`` clips at 256), so that tests can compare our predictor against it.
 """
 
@@ -39,10 +39,12 @@ class MedSAMLiteTorch(nn.Module):
 
 
 def build_reference_model(rows, seed: int = 0, **decoder) -> MedSAMLiteTorch:
-    """Seeded random weights, non-trivial BatchNorm statistics, eval mode."""
+    """Seeded random weights, every BatchNorm randomised around the statistics of four noise
+    images (``randomize``: the embedding depends on the image), eval mode."""
     torch.manual_seed(seed)
     model = MedSAMLiteTorch(rows, **decoder)
-    randomize(model.image_encoder, seed)
+    calibration = torch.rand(4, 3, 256, 256, generator=torch.Generator().manual_seed(seed + 100))
+    randomize(model.image_encoder, seed, calibration=calibration)
     return model.eval()
 
 
@@ -55,7 +57,7 @@ def fused_copy(model: MedSAMLiteTorch) -> MedSAMLiteTorch:
     return fused.eval()
 
 
-# --- SPEC §6.4 preprocessing, the reference's way --------------------------------------------
+# --- The script's preprocessing, the reference's way -----------------------------------------
 
 def resize_longest_side(image: np.ndarray, target: int = 256) -> np.ndarray:
     h, w = image.shape[:2]
@@ -99,16 +101,31 @@ def get_bbox256(mask_256: np.ndarray, bbox_shift: int = 3) -> np.ndarray:
 
 
 @torch.no_grad()
-def medsam_inference(model, embedding, box_256, new_size, original_size) -> np.ndarray:
+def medsam_logits(model, embedding, box_256) -> np.ndarray:
+    """One box's (1, 256, 256) low-resolution logits, single-mask output."""
     box_torch = torch.as_tensor(box_256[None, None, ...], dtype=torch.float)
     sparse, dense = model.prompt_encoder(points=None, boxes=box_torch, masks=None)
     logits, _ = model.mask_decoder(image_embeddings=embedding,
                                    image_pe=model.prompt_encoder.get_dense_pe(),
                                    sparse_prompt_embeddings=sparse,
                                    dense_prompt_embeddings=dense, multimask_output=False)
-    logits = logits[:, :, :new_size[0], :new_size[1]]
-    logits = F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)
-    return (torch.sigmoid(logits) > 0.5).squeeze().cpu().numpy().astype(np.uint8)
+    return logits[:, 0].numpy()
+
+
+@torch.no_grad()
+def postprocess_reference(logits: np.ndarray, new_size, original_size) -> np.ndarray:
+    """The script's post-processing of one box: (1, 256, 256) logits -> (H, W) uint8 mask:
+    crop to new_size, bilinear (align_corners=False) to original_size, sigmoid > 0.5."""
+    cropped = torch.from_numpy(np.asarray(logits, np.float32))[None, :, :new_size[0],
+                                                               :new_size[1]]
+    resized = F.interpolate(cropped, size=original_size, mode="bilinear", align_corners=False)
+    return (torch.sigmoid(resized) > 0.5).squeeze().cpu().numpy().astype(np.uint8)
+
+
+@torch.no_grad()
+def medsam_inference(model, embedding, box_256, new_size, original_size) -> np.ndarray:
+    return postprocess_reference(medsam_logits(model, embedding, box_256), new_size,
+                                 original_size)
 
 
 @torch.no_grad()
@@ -129,7 +146,7 @@ def infer_3d(model, volume: np.ndarray, boxes: np.ndarray, original_script: bool
              ) -> np.ndarray:
     """The updated script (embedding cache, downward bound max(-1, z_min - 1)).
 
-    ``original_script``: the original (paper-timed) script instead, SPEC §7.3: every slice is
+    ``original_script``: the original (paper-timed) script instead: every slice is
     encoded again inside the per-box loops, and the downward bound is max(0, z_min - 1) (slice
     0 is never segmented). For benchmarks.
     """
