@@ -1,0 +1,382 @@
+"""Interactive box-prompted segmentation: ``Segmenter``, in the manner of segment-anything's
+``SamPredictor``.
+
+    seg = Segmenter("my_export")            # an export folder, a model folder or a store name
+    seg.set_image(image)                     # (H, W, 3) uint8: encoded once
+    masks, scores = seg.predict(boxes)       # (N, 4) boxes in pixels -> (N, H, W) bool, (N,)
+
+    seg.set_volume(volume)                   # (D, H, W) uint8 (or raw values + modality)
+    masks, scores = seg.predict_slice(z, boxes)
+    mask = seg.propagate([x0, y0, z0, x1, y1, z1])     # (D, H, W) bool
+
+The numbers are those of ``rep-medsam predict``: the same preprocessing, the same decoder calls
+(:func:`~rep_medsam_jax.predictor.cases.decode_boxes`), the same post-processing, and
+``propagate`` runs :func:`~rep_medsam_jax.predictor.cases.predict_3d` itself, fed from this
+object's embeddings.
+
+Slice embeddings live in an :class:`EmbeddingCache`, keyed by the slice's pixels (so a volume
+opened again, or a slice seen through another object, is not encoded twice) and bounded in
+bytes, least recently used out. While the caller is idle, a background thread encodes the
+slices next to the last one asked for, nearest first, so scrolling to a neighbour and drawing
+a box costs only the decoder. NumPy only: the ONNX path imports neither JAX nor PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from rep_medsam_jax.predictor.backend import Backend, open_backend
+from rep_medsam_jax.predictor.cases import (ENCODE_CHUNK, clip_box_3d, decode_boxes,
+                                            predict_3d, slice_tensor)
+from rep_medsam_jax.preprocess import (longest_side_size, preprocess_image,
+                                       scale_boxes_to_256)
+
+DEFAULT_CACHE_BYTES = 1 << 30     # 1 GiB: 256 slices of the 64 x 64 x 256 float32 embedding
+DEFAULT_PREFETCH = 4              # neighbours each side encoded in the background
+DEFAULT_IDLE_S = 0.3              # quiet time before the background starts encoding
+
+
+class Cancelled(Exception):
+    """A propagation stopped by its ``cancel`` event."""
+
+
+class EmbeddingCache:
+    """Arrays by key, at most ``max_bytes`` in all, least recently used out. Thread-safe.
+
+    An array larger than the whole bound is returned to its caller but never kept.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._items
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: bytes, value: np.ndarray) -> None:
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key).nbytes
+            if value.nbytes > self.max_bytes:
+                return
+            self._items[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+def pixels_key(pixels: np.ndarray) -> bytes:
+    """A digest of an image's shape, dtype and pixels: the cache key of its embedding."""
+    pixels = np.ascontiguousarray(pixels)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{pixels.shape}{pixels.dtype}".encode())
+    digest.update(pixels.data)
+    return digest.digest()
+
+
+def _open_model(model: str | Path, backend: str | None, threads: int | None,
+                int8: bool) -> Backend:
+    """A path or store name -> a backend; ``backend=None`` picks onnx for an export folder and
+    jax for a model folder."""
+    from rep_medsam_jax import model_store  # noqa: PLC0415
+
+    if backend is None:
+        try:
+            path = model_store.resolve(model, "exports")
+        except FileNotFoundError:
+            path = model_store.resolve(model, "models")
+        backend = "jax" if (Path(path) / model_store.MARKERS["models"]).is_file() else "onnx"
+    else:
+        path = model_store.resolve(model, "models" if backend == "jax" else "exports")
+    return open_backend(path, backend, threads=threads, int8=int8)
+
+
+class _CachedSlices:
+    """The slice embeddings one propagation needs, held for its length (whatever the cache
+    evicts meanwhile): what :func:`predict_3d` indexes by z."""
+
+    def __init__(self, embeddings: dict[int, np.ndarray], new_hw: tuple[int, int]):
+        self._embeddings = embeddings
+        self.new_hw = new_hw
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return self._embeddings[z]
+
+
+class Segmenter:
+    """Encode an image or volume once, then turn boxes into masks at decoder speed.
+
+    model: an export folder (onnx / openvino), a model folder (jax), a model store name, or a
+        backend object (``encode`` / ``decode``, see :mod:`rep_medsam_jax.predictor.backend`).
+    backend: "onnx", "openvino", "jax" or None (by the folder's kind).
+    cache_bytes: bound of the slice-embedding cache. prefetch: slices on each side of the last
+    one used that are encoded in the background once the caller has been idle ``idle_s``
+    seconds (0 turns the background off).
+    """
+
+    def __init__(self, model: str | Path | Backend, backend: str | None = None, *,
+                 threads: int | None = None, int8: bool = False,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch: int = DEFAULT_PREFETCH,
+                 idle_s: float = DEFAULT_IDLE_S):
+        if hasattr(model, "encode") and hasattr(model, "decode"):
+            self.backend: Backend = model
+        else:
+            self.backend = _open_model(model, backend, threads, int8)
+        self.cache = EmbeddingCache(cache_bytes)
+        self.prefetch = int(prefetch)
+        self.idle_s = float(idle_s)
+        self._volume: np.ndarray | None = None      # (D, H, W) or (1, H, W, 3) for an image
+        self._keys: dict[int, bytes] = {}
+        self._focus = 0
+        self._model_lock = threading.Lock()          # one encode / decode at a time
+        self._last_use = time.monotonic()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # ---- images ----------------------------------------------------------------------------
+
+    def set_image(self, image: np.ndarray) -> None:
+        """(H, W, 3) or (H, W) uint8: encode it (or find it in the cache)."""
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an image must be (H, W) or (H, W, 3) uint8, got {image.shape} "
+                             f"{image.dtype}")
+        self._set_slices(image[None])
+        self.embedding(0)
+
+    def predict(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (N, 4) or (4,) [x0, y0, x1, y1] in the image's pixels -> ((N, H, W) bool masks,
+        (N,) predicted IoU scores), box k's mask being the one ``rep-medsam predict`` paints."""
+        self._require(image=True)
+        return self.predict_slice(0, boxes)
+
+    # ---- volumes ---------------------------------------------------------------------------
+
+    def set_volume(self, volume: np.ndarray, modality: str | None = None,
+                   ct_window: tuple[float, float] | None = None) -> None:
+        """(D, H, W) volume. uint8 is used as it is; other values go through the NIfTI
+        intensity rule of ``predict`` (CT windowing when ``modality`` is "CT", else
+        percentiles). Nothing is encoded until a slice is asked for."""
+        volume = np.asarray(volume)
+        if volume.ndim != 3 or volume.size == 0:
+            raise ValueError(f"a volume must be (D, H, W), got {volume.shape}")
+        if volume.dtype != np.uint8:
+            from rep_medsam_jax.io import intensities_to_uint8  # noqa: PLC0415
+
+            volume = intensities_to_uint8(volume, modality, ct_window)
+        self._set_slices(np.ascontiguousarray(volume))
+
+    @property
+    def depth(self) -> int:
+        self._require()
+        return len(self._volume)
+
+    def predict_slice(self, z: int, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (N, 4) or (4,) in pixels on slice z -> ((N, H, W) bool, (N,) scores)."""
+        self._require()
+        boxes = np.asarray(boxes, dtype=np.float64)
+        boxes = boxes[None] if boxes.ndim == 1 else boxes
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"boxes must be (N, 4) [x0, y0, x1, y1], got {boxes.shape}")
+        original_hw = self._hw()
+        embedding = self.embedding(z)
+        prompts = scale_boxes_to_256(boxes, original_hw, self.backend.image_size)
+        new_hw = longest_side_size(original_hw, self.backend.image_size)
+        with self._model_lock:
+            masks, scores = decode_boxes(self.backend, embedding, prompts.astype(np.float32),
+                                         new_hw, original_hw)
+        self._touch(z)
+        return masks, scores
+
+    def propagate(self, boxes_3d: np.ndarray,
+                  progress: Callable[[int, int], None] | None = None,
+                  cancel: threading.Event | None = None) -> np.ndarray:
+        """``predict``'s 3D procedure: each box prompts its middle slice, then every slice up
+        and down prompts from the box of the mask before it.
+
+        boxes_3d: (6,) [x0, y0, z0, x1, y1, z1] (voxels of the (D, H, W) array, z closed) ->
+        (D, H, W) bool; or (N, 6) -> (D, H, W) label map as ``predict`` writes it.
+        progress(done, total) is called after each encoded chunk and each decoded slice;
+        setting ``cancel`` stops the work with :class:`Cancelled`.
+        """
+        self._require()
+        boxes = np.asarray(boxes_3d)
+        single = boxes.ndim == 1
+        boxes = boxes[None] if single else boxes
+        if boxes.ndim != 2 or boxes.shape[1] != 6:
+            raise ValueError(f"3D boxes must be (N, 6) [x0, y0, z0, x1, y1, z1], got "
+                             f"{np.asarray(boxes_3d).shape}")
+        depth = len(self._volume)
+        needed = sorted({z for box in boxes for z in range(*_closed(clip_box_3d(box, depth)))})
+        # Encodes, then one decode call per slice (exact for one box; several boxes may share
+        # or split slices between the sweeps, so the count is capped).
+        total = 2 * len(needed)
+        done = 0
+
+        def step(count: int = 1) -> None:
+            nonlocal done
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("propagation cancelled")
+            done = min(done + count, total)
+            if progress is not None:
+                progress(done, total)
+
+        embeddings = self._embeddings(needed, step)
+        with self._model_lock:
+            labels = predict_3d(self.backend, self._volume, boxes, progress=lambda z: step(),
+                                embeddings=_CachedSlices(embeddings, self._new_hw()))
+        self._touch(needed[len(needed) // 2] if needed else self._focus)
+        return labels == 1 if single else labels
+
+    # ---- embeddings ------------------------------------------------------------------------
+
+    def embedding(self, z: int) -> np.ndarray:
+        """Slice z's (1, h, w, C) embedding, from the cache or encoded now."""
+        self._require()
+        if not 0 <= z < len(self._volume):
+            raise IndexError(f"slice {z} outside 0..{len(self._volume) - 1}")
+        embedding = self._embeddings([z])[z]
+        self._touch(z)
+        return embedding
+
+    def is_cached(self, z: int) -> bool:
+        return self._key(z) in self.cache
+
+    def _embeddings(self, slices: list[int], step: Callable[[int], None] | None = None
+                    ) -> dict[int, np.ndarray]:
+        """Embeddings of ``slices``: the cached ones as they are, the others encoded
+        ENCODE_CHUNK at a time (as ``predict`` encodes a volume) and cached."""
+        found = {z: self.cache.get(self._key(z)) for z in slices}
+        missing = [z for z, value in found.items() if value is None]
+        if step is not None and len(slices) > len(missing):
+            step(len(slices) - len(missing))
+        for start in range(0, len(missing), ENCODE_CHUNK):
+            chunk = missing[start:start + ENCODE_CHUNK]
+            tensors = np.stack([self._tensor(z) for z in chunk])
+            with self._model_lock:
+                encoded = self.backend.encode(tensors)
+            for z, embedding in zip(chunk, encoded):
+                found[z] = embedding[None]
+                self.cache.put(self._key(z), found[z])
+            if step is not None:
+                step(len(chunk))
+        return found
+
+    def _tensor(self, z: int) -> np.ndarray:
+        size = self.backend.image_size
+        if self._volume.ndim == 4:               # (1, H, W, 3): an RGB image
+            return preprocess_image(self._volume[0], size)[0]
+        return slice_tensor(self._volume, z, size)[0]
+
+    def _new_hw(self) -> tuple[int, int]:
+        return longest_side_size(self._hw(), self.backend.image_size)
+
+    def _hw(self) -> tuple[int, int]:
+        return tuple(self._volume.shape[1:3])
+
+    def _key(self, z: int) -> bytes:
+        key = self._keys.get(z)
+        if key is None:
+            key = self._keys[z] = pixels_key(self._volume[z])
+        return key
+
+    def _set_slices(self, slices: np.ndarray) -> None:
+        self._volume, self._keys, self._focus = slices, {}, 0
+        self._touch(0)
+
+    def _require(self, image: bool = False) -> None:
+        if self._volume is None:
+            raise RuntimeError("no image: call set_image or set_volume first")
+        if image and self._volume.ndim != 4:
+            raise RuntimeError("a volume is set: use predict_slice(z, boxes) or propagate")
+
+    # ---- background encoding ---------------------------------------------------------------
+
+    def _touch(self, z: int) -> None:
+        """Note the caller's activity at slice z; wake the background encoder."""
+        self._focus = z
+        self._last_use = time.monotonic()
+        if self.prefetch > 0 and self._volume is not None and self._volume.ndim == 3:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                                name="segmenter-prefetch")
+                self._worker.start()
+            self._wake.set()
+
+    def _next_to_prefetch(self) -> int | None:
+        volume, focus = self._volume, self._focus
+        if volume is None or volume.ndim != 3:
+            return None
+        for distance in range(1, self.prefetch + 1):
+            for z in (focus + distance, focus - distance):
+                if 0 <= z < len(volume) and not self.is_cached(z):
+                    return z
+        return None
+
+    def _prefetch_loop(self) -> None:
+        while not self._stopped.is_set():
+            self._wake.wait()
+            quiet = time.monotonic() - self._last_use
+            if quiet < self.idle_s:
+                self._stopped.wait(self.idle_s - quiet)
+                continue
+            z = self._next_to_prefetch()
+            if z is None:
+                self._wake.clear()
+                continue
+            # One slice at a time, on the model lock: a request waits at most one encode.
+            self._embeddings([z])
+
+    def close(self) -> None:
+        """Stop the background encoder (also done at interpreter exit: it is a daemon)."""
+        self._stopped.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join(timeout=5)
+            self._worker = None
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _closed(z_range: tuple[int, int]) -> tuple[int, int]:
+    """A closed (z_min, z_max) -> the half-open range() bounds."""
+    return z_range[0], z_range[1] + 1
+
