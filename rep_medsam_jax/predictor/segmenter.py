@@ -134,6 +134,49 @@ class _CachedSlices:
         return self._embeddings[z]
 
 
+class _LockedDecoder:
+    """A backend whose decoder calls take the model lock one by one, so that boxes drawn
+    during a propagation are decoded between two of its slices."""
+
+    def __init__(self, backend: Backend, lock: threading.Lock):
+        self._backend, self._lock = backend, lock
+        self.image_size = backend.image_size
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._backend.encode(images)
+
+    def decode(self, embedding: np.ndarray, boxes: np.ndarray):
+        with self._lock:
+            return self._backend.decode(embedding, boxes)
+
+
+class _Pixels:
+    """The image or volume set on a segmenter (never changed: a new one replaces it), with the
+    cache keys of its slices, computed when first needed."""
+
+    def __init__(self, array: np.ndarray, image_size: int):
+        self.array = array                   # (D, H, W) volume or (1, H, W, 3) image
+        self.is_image = array.ndim == 4
+        self.depth = len(array)
+        self.hw: tuple[int, int] = tuple(array.shape[1:3])
+        self.new_hw = longest_side_size(self.hw, image_size)
+        self._image_size = image_size
+        self._keys: dict[int, bytes] = {}
+
+    def key(self, z: int) -> bytes:
+        key = self._keys.get(z)
+        if key is None:
+            key = self._keys[z] = pixels_key(self.array[z])
+        return key
+
+    def tensor(self, z: int) -> np.ndarray:
+        """Slice z as the model's (S, S, 3) input, as predict makes it."""
+        if self.is_image:
+            return preprocess_image(self.array[0], self._image_size)[0]
+        return slice_tensor(self.array, z, self._image_size)[0]
+
+
 class Segmenter:
     """Encode an image or volume once, then turn boxes into masks at decoder speed.
 
@@ -143,6 +186,9 @@ class Segmenter:
     cache_bytes: bound of the slice-embedding cache. prefetch: slices on each side of the last
     one used that are encoded in the background once the caller has been idle ``idle_s``
     seconds (0 turns the background off).
+
+    Methods may be called from several threads: one encode or decode runs at a time, and a
+    propagation keeps working on the volume it started with if another one is set meanwhile.
     """
 
     def __init__(self, model: str | Path | Backend, backend: str | None = None, *,
@@ -156,14 +202,26 @@ class Segmenter:
         self.cache = EmbeddingCache(cache_bytes)
         self.prefetch = int(prefetch)
         self.idle_s = float(idle_s)
-        self._volume: np.ndarray | None = None      # (D, H, W) or (1, H, W, 3) for an image
-        self._keys: dict[int, bytes] = {}
-        self._focus = 0
         self._model_lock = threading.Lock()          # one encode / decode at a time
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pixels: _Pixels | None = None
+        self._focus = 0
         self._last_use = time.monotonic()
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._worker: threading.Thread | None = None
+
+    def sibling(self) -> "Segmenter":
+        """Another segmenter on the same model, cache and model lock, for another image
+        (the app keeps one per open file)."""
+        twin = object.__new__(Segmenter)
+        twin.backend, twin.cache = self.backend, self.cache
+        twin.prefetch, twin.idle_s, twin._model_lock = self.prefetch, self.idle_s, \
+            self._model_lock
+        twin._reset()
+        return twin
 
     # ---- images ----------------------------------------------------------------------------
 
@@ -175,13 +233,13 @@ class Segmenter:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"an image must be (H, W) or (H, W, 3) uint8, got {image.shape} "
                              f"{image.dtype}")
-        self._set_slices(image[None])
+        self._set_pixels(np.ascontiguousarray(image)[None])
         self.embedding(0)
 
     def predict(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (N, 4) or (4,) [x0, y0, x1, y1] in the image's pixels -> ((N, H, W) bool masks,
         (N,) predicted IoU scores), box k's mask being the one ``rep-medsam predict`` paints."""
-        self._require(image=True)
+        self._current(image=True)
         return self.predict_slice(0, boxes)
 
     # ---- volumes ---------------------------------------------------------------------------
@@ -198,28 +256,29 @@ class Segmenter:
             from rep_medsam_jax.io import intensities_to_uint8  # noqa: PLC0415
 
             volume = intensities_to_uint8(volume, modality, ct_window)
-        self._set_slices(np.ascontiguousarray(volume))
+        self._set_pixels(np.ascontiguousarray(volume))
 
     @property
     def depth(self) -> int:
-        self._require()
-        return len(self._volume)
+        return self._current().depth
+
+    def focus(self, z: int) -> None:
+        """The user is looking at slice z: encode its neighbours once idle."""
+        self._touch(self._current(), z)
 
     def predict_slice(self, z: int, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (N, 4) or (4,) in pixels on slice z -> ((N, H, W) bool, (N,) scores)."""
-        self._require()
+        pixels = self._current()
         boxes = np.asarray(boxes, dtype=np.float64)
         boxes = boxes[None] if boxes.ndim == 1 else boxes
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"boxes must be (N, 4) [x0, y0, x1, y1], got {boxes.shape}")
-        original_hw = self._hw()
-        embedding = self.embedding(z)
-        prompts = scale_boxes_to_256(boxes, original_hw, self.backend.image_size)
-        new_hw = longest_side_size(original_hw, self.backend.image_size)
+        embedding = self._embedding(pixels, z)
+        prompts = scale_boxes_to_256(boxes, pixels.hw, self.backend.image_size)
         with self._model_lock:
             masks, scores = decode_boxes(self.backend, embedding, prompts.astype(np.float32),
-                                         new_hw, original_hw)
-        self._touch(z)
+                                         pixels.new_hw, pixels.hw)
+        self._touch(pixels, z)
         return masks, scores
 
     def propagate(self, boxes_3d: np.ndarray,
@@ -233,15 +292,15 @@ class Segmenter:
         progress(done, total) is called after each encoded chunk and each decoded slice;
         setting ``cancel`` stops the work with :class:`Cancelled`.
         """
-        self._require()
+        pixels = self._current()
         boxes = np.asarray(boxes_3d)
         single = boxes.ndim == 1
         boxes = boxes[None] if single else boxes
-        if boxes.ndim != 2 or boxes.shape[1] != 6:
-            raise ValueError(f"3D boxes must be (N, 6) [x0, y0, z0, x1, y1, z1], got "
-                             f"{np.asarray(boxes_3d).shape}")
-        depth = len(self._volume)
-        needed = sorted({z for box in boxes for z in range(*_closed(clip_box_3d(box, depth)))})
+        if pixels.is_image or boxes.ndim != 2 or boxes.shape[1] != 6:
+            raise ValueError(f"3D boxes must be (N, 6) [x0, y0, z0, x1, y1, z1] on a volume, "
+                             f"got {np.asarray(boxes_3d).shape}")
+        needed = sorted({z for box in boxes
+                         for z in range(*_closed(clip_box_3d(box, pixels.depth)))})
         # Encodes, then one decode call per slice (exact for one box; several boxes may share
         # or split slices between the sweeps, so the count is capped).
         total = 2 * len(needed)
@@ -255,95 +314,82 @@ class Segmenter:
             if progress is not None:
                 progress(done, total)
 
-        embeddings = self._embeddings(needed, step)
-        with self._model_lock:
-            labels = predict_3d(self.backend, self._volume, boxes, progress=lambda z: step(),
-                                embeddings=_CachedSlices(embeddings, self._new_hw()))
-        self._touch(needed[len(needed) // 2] if needed else self._focus)
+        embeddings = self._embeddings(pixels, needed, step)
+        labels = predict_3d(_LockedDecoder(self.backend, self._model_lock), pixels.array, boxes,
+                            progress=lambda z: step(),
+                            embeddings=_CachedSlices(embeddings, pixels.new_hw))
+        self._touch(pixels, needed[len(needed) // 2] if needed else self._focus)
         return labels == 1 if single else labels
 
     # ---- embeddings ------------------------------------------------------------------------
 
     def embedding(self, z: int) -> np.ndarray:
         """Slice z's (1, h, w, C) embedding, from the cache or encoded now."""
-        self._require()
-        if not 0 <= z < len(self._volume):
-            raise IndexError(f"slice {z} outside 0..{len(self._volume) - 1}")
-        embedding = self._embeddings([z])[z]
-        self._touch(z)
+        pixels = self._current()
+        embedding = self._embedding(pixels, z)
+        self._touch(pixels, z)
         return embedding
 
     def is_cached(self, z: int) -> bool:
-        return self._key(z) in self.cache
+        return self._current().key(z) in self.cache
 
-    def _embeddings(self, slices: list[int], step: Callable[[int], None] | None = None
-                    ) -> dict[int, np.ndarray]:
+    def _embedding(self, pixels: _Pixels, z: int) -> np.ndarray:
+        if not 0 <= z < pixels.depth:
+            raise IndexError(f"slice {z} outside 0..{pixels.depth - 1}")
+        return self._embeddings(pixels, [z])[z]
+
+    def _embeddings(self, pixels: _Pixels, slices: list[int],
+                    step: Callable[[int], None] | None = None) -> dict[int, np.ndarray]:
         """Embeddings of ``slices``: the cached ones as they are, the others encoded
         ENCODE_CHUNK at a time (as ``predict`` encodes a volume) and cached."""
-        found = {z: self.cache.get(self._key(z)) for z in slices}
+        found = {z: self.cache.get(pixels.key(z)) for z in slices}
         missing = [z for z, value in found.items() if value is None]
         if step is not None and len(slices) > len(missing):
             step(len(slices) - len(missing))
         for start in range(0, len(missing), ENCODE_CHUNK):
             chunk = missing[start:start + ENCODE_CHUNK]
-            tensors = np.stack([self._tensor(z) for z in chunk])
+            tensors = np.stack([pixels.tensor(z) for z in chunk])
             with self._model_lock:
                 encoded = self.backend.encode(tensors)
             for z, embedding in zip(chunk, encoded):
                 found[z] = embedding[None]
-                self.cache.put(self._key(z), found[z])
+                self.cache.put(pixels.key(z), found[z])
             if step is not None:
                 step(len(chunk))
         return found
 
-    def _tensor(self, z: int) -> np.ndarray:
-        size = self.backend.image_size
-        if self._volume.ndim == 4:               # (1, H, W, 3): an RGB image
-            return preprocess_image(self._volume[0], size)[0]
-        return slice_tensor(self._volume, z, size)[0]
+    def _set_pixels(self, array: np.ndarray) -> None:
+        self._pixels = _Pixels(array, self.backend.image_size)
+        self._touch(self._pixels, 0)
 
-    def _new_hw(self) -> tuple[int, int]:
-        return longest_side_size(self._hw(), self.backend.image_size)
-
-    def _hw(self) -> tuple[int, int]:
-        return tuple(self._volume.shape[1:3])
-
-    def _key(self, z: int) -> bytes:
-        key = self._keys.get(z)
-        if key is None:
-            key = self._keys[z] = pixels_key(self._volume[z])
-        return key
-
-    def _set_slices(self, slices: np.ndarray) -> None:
-        self._volume, self._keys, self._focus = slices, {}, 0
-        self._touch(0)
-
-    def _require(self, image: bool = False) -> None:
-        if self._volume is None:
+    def _current(self, image: bool = False) -> _Pixels:
+        pixels = self._pixels
+        if pixels is None:
             raise RuntimeError("no image: call set_image or set_volume first")
-        if image and self._volume.ndim != 4:
+        if image and not pixels.is_image:
             raise RuntimeError("a volume is set: use predict_slice(z, boxes) or propagate")
+        return pixels
 
     # ---- background encoding ---------------------------------------------------------------
 
-    def _touch(self, z: int) -> None:
+    def _touch(self, pixels: _Pixels, z: int) -> None:
         """Note the caller's activity at slice z; wake the background encoder."""
         self._focus = z
         self._last_use = time.monotonic()
-        if self.prefetch > 0 and self._volume is not None and self._volume.ndim == 3:
+        if self.prefetch > 0 and not pixels.is_image and not self._stopped.is_set():
             if self._worker is None:
                 self._worker = threading.Thread(target=self._prefetch_loop, daemon=True,
                                                 name="segmenter-prefetch")
                 self._worker.start()
             self._wake.set()
 
-    def _next_to_prefetch(self) -> int | None:
-        volume, focus = self._volume, self._focus
-        if volume is None or volume.ndim != 3:
+    def _next_to_prefetch(self, pixels: _Pixels | None) -> int | None:
+        if pixels is None or pixels.is_image:
             return None
+        focus = self._focus
         for distance in range(1, self.prefetch + 1):
             for z in (focus + distance, focus - distance):
-                if 0 <= z < len(volume) and not self.is_cached(z):
+                if 0 <= z < pixels.depth and pixels.key(z) not in self.cache:
                     return z
         return None
 
@@ -354,12 +400,16 @@ class Segmenter:
             if quiet < self.idle_s:
                 self._stopped.wait(self.idle_s - quiet)
                 continue
-            z = self._next_to_prefetch()
+            pixels = self._pixels
+            z = self._next_to_prefetch(pixels)
             if z is None:
                 self._wake.clear()
+                # A touch between the search and the clear must not be lost: look again.
+                if self._next_to_prefetch(self._pixels) is not None:
+                    self._wake.set()
                 continue
             # One slice at a time, on the model lock: a request waits at most one encode.
-            self._embeddings([z])
+            self._embeddings(pixels, [z])
 
     def close(self) -> None:
         """Stop the background encoder (also done at interpreter exit: it is a daemon)."""
