@@ -13,6 +13,7 @@ input, 500 otherwise); the server keeps running and no file already saved is tou
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import re
 import secrets
@@ -109,6 +110,7 @@ class AppState:
         self.lock = threading.RLock()           # the documents' masks and cases
         self.segmenters: dict[str, Segmenter] = {}   # one per document: model, cache shared
         self.upload_dir = Path(tempfile.mkdtemp(prefix="rep_medsam_app_"))
+        atexit.register(shutil.rmtree, self.upload_dir, ignore_errors=True)
 
     # ---- files -------------------------------------------------------------------------------
 
