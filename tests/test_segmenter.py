@@ -218,6 +218,11 @@ def test_background_encodes_the_neighbours_when_idle(onnx_backend):
                                                          False, False]
         time.sleep(0.2)
         assert counting.encoded == [1] * 5          # slice 3, then its neighbours, one by one
+        seg.focus(7)                                # looking at slice 7: it comes first
+        deadline = time.monotonic() + 30
+        while not seg.is_cached(7) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seg.is_cached(7)
 
 
 def test_propagation_can_be_cancelled(onnx_backend):

@@ -263,7 +263,7 @@ class Segmenter:
         return self._current().depth
 
     def focus(self, z: int) -> None:
-        """The user is looking at slice z: encode its neighbours once idle."""
+        """The user is looking at slice z: once idle, encode it, then its neighbours."""
         self._touch(self._current(), z)
 
     def predict_slice(self, z: int, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -331,7 +331,9 @@ class Segmenter:
         return embedding
 
     def is_cached(self, z: int) -> bool:
-        return self._current().key(z) in self.cache
+        """Whether slice z's embedding is in the cache (asking is no activity)."""
+        pixels = self._pixels
+        return pixels is not None and pixels.key(z) in self.cache
 
     def _embedding(self, pixels: _Pixels, z: int) -> np.ndarray:
         if not 0 <= z < pixels.depth:
@@ -360,9 +362,11 @@ class Segmenter:
 
     def _set_pixels(self, array: np.ndarray) -> None:
         self._pixels = _Pixels(array, self.backend.image_size)
-        self._touch(self._pixels, 0)
+        self._focus = 0                 # nothing is encoded before a slice is asked for
 
     def _current(self, image: bool = False) -> _Pixels:
+        """The image in use; marks the caller active, so the background waits."""
+        self._last_use = time.monotonic()
         pixels = self._pixels
         if pixels is None:
             raise RuntimeError("no image: call set_image or set_volume first")
@@ -387,7 +391,7 @@ class Segmenter:
         if pixels is None or pixels.is_image:
             return None
         focus = self._focus
-        for distance in range(1, self.prefetch + 1):
+        for distance in range(self.prefetch + 1):     # the slice in view first
             for z in (focus + distance, focus - distance):
                 if 0 <= z < pixels.depth and pixels.key(z) not in self.cache:
                     return z
