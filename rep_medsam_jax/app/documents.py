@@ -30,7 +30,10 @@ def read_for_viewing(path: Path, modality: str | None = None,
                      ct_window: tuple[float, float] | None = None) -> Case:
     """A case read as ``predict`` reads it (same intensities, orientation, geometry), without
     needing its boxes. Raises the reader's CaseError for a bad file."""
-    for boxes in _PLACEHOLDER_BOXES:
+    # Volumes are tried as 3D first, so that a large series is not read twice.
+    looks_3d = path.is_dir() or path.name.lower().endswith((".nii", ".nii.gz")) \
+        or path.name.startswith("3D")
+    for boxes in _PLACEHOLDER_BOXES[::-1] if looks_3d else _PLACEHOLDER_BOXES:
         try:
             return read_case(path, boxes_override=boxes, modality=modality, ct_window=ct_window)
         except BoxShapeError:
