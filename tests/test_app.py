@@ -188,6 +188,58 @@ def test_challenge_npz_volume_through_the_api_equals_predict(running_app, app_da
     assert got[1:8].any() and not got[[0, 8]].any()
 
 
+class GatedBackend:
+    """A real backend whose encoder waits for a gate: a propagation stays in flight until the
+    test opens it."""
+
+    def __init__(self, backend):
+        import threading
+
+        self._backend, self.image_size, self.gate = backend, backend.image_size, \
+            threading.Event()
+
+    def encode(self, images):
+        assert self.gate.wait(60)
+        return self._backend.encode(images)
+
+    def decode(self, embedding, boxes):
+        return self._backend.decode(embedding, boxes)
+
+
+def test_a_cancelled_propagation_changes_nothing(tiny_export_dir, app_data):
+    import time
+
+    from rep_medsam_jax.app.launch import start_in_thread
+    from rep_medsam_jax.predictor.backend import open_backend
+    from rep_medsam_jax.predictor.segmenter import Segmenter
+
+    folder, _ = app_data
+    backend = GatedBackend(open_backend(tiny_export_dir, "onnx"))
+    app = start_in_thread(Segmenter(backend, prefetch=0), [folder])
+    try:
+        doc = json.loads(_call(app, "/api/open", {"path": str(folder / "volume.nii.gz")})[1])
+        answer = _call(app, f"/api/doc/{doc['id']}/propagate",
+                       {"label": 1, "box": [10, 10, 60, 60], "z0": 2, "z1": 8})[1]
+        job = json.loads(answer)["job"]
+        assert json.loads(_call(app, f"/api/jobs/{job}")[1])["state"] == "running"
+        assert _call(app, f"/api/jobs/{job}/cancel", {})[0] == 200
+        backend.gate.set()
+        for _ in range(600):
+            state = json.loads(_call(app, f"/api/jobs/{job}")[1])
+            if state["state"] != "running":
+                break
+            time.sleep(0.05)
+        assert state["state"] == "cancelled"
+        info = json.loads(_call(app, f"/api/doc/{doc['id']}")[1])
+        assert info["labels"] == [] and not info["can_undo"]
+        status, _ = _call(app, f"/api/doc/{doc['id']}/box",
+                          {"z": 4, "label": 1, "box": [10, 10, 60, 60]})
+        assert status == 200                                  # and the app goes on
+    finally:
+        backend.gate.set()
+        app.stop()
+
+
 # --------------------------------------------------------------------------------------------
 # The page in a browser
 # --------------------------------------------------------------------------------------------

@@ -308,11 +308,11 @@ async function propagate() {
     $("cancel").disabled = false;
     show(`propagating label ${last.label} over slices ${Math.max(body.z0, 0)}` +
          `..${Math.min(body.z1, state.doc.depth - 1)} ...`);
-    await followJob(job);
+    await followJob(job, state.doc.id);
   } catch (err) { show(err.message, true); }
 }
 
-async function followJob(jobId) {
+async function followJob(jobId, docId) {
   for (;;) {
     const job = await (await api(`/api/jobs/${jobId}`)).json();
     $("progress").max = Math.max(job.total, 1);
@@ -322,8 +322,10 @@ async function followJob(jobId) {
       $("cancel").disabled = true;
       if (job.state === "failed") show(`propagation failed: ${job.error}`, true);
       else show(job.state === "done" ? "propagation done" : "propagation cancelled");
-      updateInfo(await (await api(`/api/doc/${state.doc.id}`)).json());
-      await reloadLabels();
+      if (state.doc && state.doc.id === docId) {         // still the file on screen
+        updateInfo(await (await api(`/api/doc/${docId}`)).json());
+        await reloadLabels();
+      }
       return;
     }
     await new Promise((resolve) => setTimeout(resolve, 150));
