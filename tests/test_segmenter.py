@@ -57,6 +57,17 @@ class ImageInEmbedding:
         return self._backend.decode(embedding, boxes)
 
 
+@pytest.fixture(autouse=True)
+def predict_encodes_one_slice_per_call(monkeypatch):
+    """predict encodes a volume's slices 4 per call, the segmenter one per call: onnxruntime
+    runs a batch over sessions with fewer threads each, which moves embeddings by ~1e-6 and
+    can flip a boundary pixel of these random-weight masks. Both sides one per call, so the
+    masks compared are those of the same embeddings (what these tests are about)."""
+    from rep_medsam_jax.predictor import cases
+
+    monkeypatch.setattr(cases, "ENCODE_CHUNK", 1)
+
+
 @pytest.fixture(scope="module")
 def onnx_backend(tiny_export_dir):
     from rep_medsam_jax.predictor.backend import open_backend
@@ -150,7 +161,7 @@ def test_propagation_is_predicts_3d_procedure(onnx_backend, tmp_path):
     assert single[1:7].any() and not single[[0, 7, 8]].any()     # the z range, not beyond
     np.testing.assert_array_equal(labels, expected)
     # Slices 1..6 were encoded once by the first call; the second only adds 7 and 8.
-    assert sum(counting.encoded) == 8
+    assert counting.encoded == [1] * 8
     assert seen == sorted(seen) and seen[-1] == 2 * 6
 
 

@@ -12,7 +12,9 @@
 The numbers are those of ``rep-medsam predict``: the same preprocessing, the same decoder calls
 (:func:`~rep_medsam_jax.predictor.cases.decode_boxes`), the same post-processing, and
 ``propagate`` runs :func:`~rep_medsam_jax.predictor.cases.predict_3d` itself, fed from this
-object's embeddings.
+object's embeddings. Slices are encoded one per call, as predict encodes an image; predict
+encodes a volume's slices in batches of ``ENCODE_CHUNK``, which onnxruntime may round
+differently by ~1e-6 (see ``_embeddings``).
 
 Slice embeddings live in an :class:`EmbeddingCache`, keyed by the slice's pixels (so a volume
 opened again, or a slice seen through another object, is not encoded twice) and bounded in
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from rep_medsam_jax.predictor.backend import Backend, open_backend
-from rep_medsam_jax.predictor.cases import (ENCODE_CHUNK, clip_box_3d, decode_boxes,
+from rep_medsam_jax.predictor.cases import (clip_box_3d, decode_boxes,
                                             predict_3d, slice_tensor)
 from rep_medsam_jax.preprocess import (longest_side_size, preprocess_image,
                                        scale_boxes_to_256)
@@ -342,22 +344,24 @@ class Segmenter:
 
     def _embeddings(self, pixels: _Pixels, slices: list[int],
                     step: Callable[[int], None] | None = None) -> dict[int, np.ndarray]:
-        """Embeddings of ``slices``: the cached ones as they are, the others encoded
-        ENCODE_CHUNK at a time (as ``predict`` encodes a volume) and cached."""
+        """Embeddings of ``slices``: the cached ones as they are, the others encoded and cached.
+
+        One slice per encoder call, wherever the slice is first needed (a box, the
+        background, a propagation): an embedding does not depend on how it was reached.
+        onnxruntime runs a batch of slices over several sessions with fewer threads each,
+        which moves an embedding by ~1e-6 (enough to flip a boundary pixel of a
+        random-weight mask), so batches would make a cached slice differ from a fresh one.
+        """
         found = {z: self.cache.get(pixels.key(z)) for z in slices}
         missing = [z for z, value in found.items() if value is None]
         if step is not None and len(slices) > len(missing):
             step(len(slices) - len(missing))
-        for start in range(0, len(missing), ENCODE_CHUNK):
-            chunk = missing[start:start + ENCODE_CHUNK]
-            tensors = np.stack([pixels.tensor(z) for z in chunk])
+        for z in missing:
             with self._model_lock:
-                encoded = self.backend.encode(tensors)
-            for z, embedding in zip(chunk, encoded):
-                found[z] = embedding[None]
-                self.cache.put(pixels.key(z), found[z])
+                found[z] = self.backend.encode(pixels.tensor(z)[None])
+            self.cache.put(pixels.key(z), found[z])
             if step is not None:
-                step(len(chunk))
+                step(1)
         return found
 
     def _set_pixels(self, array: np.ndarray) -> None:
