@@ -112,6 +112,8 @@ def test_only_launch_folders_are_readable(running_app, app_data):
 
 
 def test_bad_uploads_give_a_message_and_the_server_goes_on(running_app, app_data):
+    import cv2
+
     folder, _ = app_data
     status, body = _call(running_app, "/api/upload?name=corrupt.png",
                          raw=(folder / "corrupt.png").read_bytes())
@@ -142,6 +144,12 @@ def test_bad_uploads_give_a_message_and_the_server_goes_on(running_app, app_data
     assert status == 200
     status, body = _call(running_app, f"/api/doc/{doc['id']}/save", {"format": "png"})
     assert status == 400 and b"download" in body            # no folder beside an upload
+    status, body = _call(running_app, f"/api/doc/{doc['id']}/save",
+                         {"format": "png", "download": True})
+    assert status == 200
+    shown = _call(running_app, f"/api/doc/{doc['id']}/labels/0.png")[1]
+    np.testing.assert_array_equal(*(cv2.imdecode(np.frombuffer(png, np.uint8),
+                                                 cv2.IMREAD_UNCHANGED) for png in (body, shown)))
 
 
 def test_undo_and_delete(running_app, app_data):
