@@ -291,7 +291,7 @@ class Segmenter:
 
         boxes_3d: (6,) [x0, y0, z0, x1, y1, z1] (voxels of the (D, H, W) array, z closed) ->
         (D, H, W) bool; or (N, 6) -> (D, H, W) label map as ``predict`` writes it.
-        progress(done, total) is called after each encoded chunk and each decoded slice;
+        progress(done, total) is called after each encoded slice and each decoded one;
         setting ``cancel`` stops the work with :class:`Cancelled`.
         """
         pixels = self._current()
