@@ -1,4 +1,4 @@
-"""The ``rep-medsam`` command: convert | export | predict | evaluate | models.
+"""The ``rep-medsam`` command: convert | export | predict | evaluate | models | app.
 
 Each subcommand imports only what it needs, so ``predict`` with the ONNX backend starts without
 JAX or PyTorch. Models can be named entries of the model store (:mod:`rep_medsam_jax.model_store`)
@@ -195,8 +195,45 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_models)
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    try:
+        from rep_medsam_jax.app.launch import serve  # noqa: PLC0415
+    except ImportError as err:
+        raise ValueError(f"the app needs its extra: pip install 'rep-medsam-jax[app]' "
+                         f"({err})") from None
+    serve(args.paths, args.model, args.backend, host=args.host, port=args.port,
+          threads=args.threads, int8=args.int8, cache_mb=args.cache_mb,
+          max_upload_mb=args.max_upload_mb, open_browser=args.open)
+    return 0
+
+
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="local web page: draw a box, get the mask",
+                       description="Serve a local web page (127.0.0.1, a random token in the "
+                                   "URL) to segment images and volumes by drawing boxes; "
+                                   "see docs/app.md.")
+    p.add_argument("paths", nargs="*", metavar="FILE_OR_FOLDER",
+                   help="files and folders the page may open (nothing else is readable); "
+                        "files can also be uploaded in the page")
+    p.add_argument("--model", required=True,
+                   help="EXPORT_DIR (onnx, openvino) or MODEL_DIR (jax), or a model store name")
+    p.add_argument("--backend", choices=("onnx", "openvino", "jax"),
+                   help="default: onnx for an export, jax for a model directory")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--int8", action="store_true", help="use the export's int8 encoder")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--cache-mb", type=int, default=1024,
+                   help="slice-embedding cache size in MiB (default 1024)")
+    p.add_argument("--max-upload-mb", type=int, default=1024,
+                   help="largest upload in MiB (default 1024)")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.set_defaults(func=_cmd_app)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_convert, _add_export, _add_predict, _add_evaluate, _add_models]
+    _add_convert, _add_export, _add_predict, _add_evaluate, _add_models, _add_app]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,31 +47,35 @@ def predict_2d(backend: Backend, image: np.ndarray, boxes: np.ndarray) -> np.nda
     boxes256 = scale_boxes_to_256(np.asarray(boxes)[:, :4], (height, width), size)
     boxes256 = boxes256.astype(np.float32)
     segs = np.zeros((height, width), label_dtype(len(boxes256)))
-    for start, logits in _decoded_chunks(backend, embedding, boxes256):
+    for start, logits, _ in _decoded_chunks(backend, embedding, boxes256):
         # Painted chunk after chunk, box after box: later boxes win, as in the reference.
         paint_logits(segs, logits, range(start + 1, start + 1 + len(logits)), new_hw)
     return segs
 
 
 def _decoded_chunks(backend: Backend, embedding: np.ndarray, prompts: np.ndarray
-                    ) -> Iterator[tuple[int, np.ndarray]]:
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """N prompts (N, 4) on one image embedding, DECODE_CHUNK per call -> (index of the chunk's
-    first prompt, its (n, S, S) low-resolution logits) for each chunk."""
+    first prompt, its (n, S, S) low-resolution logits, its (n,) IoU scores) for each chunk."""
     for start in range(0, len(prompts), DECODE_CHUNK):
-        logits, _ = backend.decode(embedding, prompts[start:start + DECODE_CHUNK])
-        yield start, logits
+        logits, iou = backend.decode(embedding, prompts[start:start + DECODE_CHUNK])
+        yield start, logits, iou
 
 
-def _decode_boxes(backend: Backend, embedding: np.ndarray, prompts: np.ndarray,
-                  new_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
-    """N prompts (N, 4) on one image embedding -> (N, H, W) bool masks."""
+def decode_boxes(backend: Backend, embedding: np.ndarray, prompts: np.ndarray,
+                 new_hw: tuple[int, int], original_hw: tuple[int, int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """N prompts (N, 4) in the S x S frame on one image embedding (1, h, w, C) ->
+    ((N, H, W) bool masks, (N,) float32 predicted IoU scores)."""
     masks = np.zeros((len(prompts), *original_hw), bool)
-    for start, logits in _decoded_chunks(backend, embedding, prompts):
+    scores = np.zeros(len(prompts), np.float32)
+    for start, logits, iou in _decoded_chunks(backend, embedding, prompts):
         masks[start:start + len(logits)] = logits_to_mask(logits, new_hw, original_hw)
-    return masks
+        scores[start:start + len(logits)] = np.asarray(iou).reshape(-1)
+    return masks, scores
 
 
-def _slice_tensor(volume: np.ndarray, z: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def slice_tensor(volume: np.ndarray, z: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Slice z of a (D, H, W) uint8 volume as the model's (S, S, 3) input: grey repeated to
     three channels, then :func:`rep_medsam_jax.preprocess.preprocess_image`."""
     return preprocess_image(np.repeat(volume[z][:, :, None], 3, axis=-1), size)
@@ -94,7 +98,7 @@ class SliceEmbeddings:
             chunk = slices[start:start + ENCODE_CHUNK]
             tensors = []
             for z in chunk:
-                tensor, self.new_hw = _slice_tensor(volume, z, backend.image_size)
+                tensor, self.new_hw = slice_tensor(volume, z, backend.image_size)
                 tensors.append(tensor)
             embeddings = backend.encode(np.stack(tensors))
             for z, embedding in zip(chunk, embeddings):
@@ -138,7 +142,8 @@ class _BoxTrack:
 
 
 def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
-               progress: Callable[[int], None] | None = None) -> np.ndarray:
+               progress: Callable[[int], None] | None = None,
+               embeddings: SliceEmbeddings | None = None) -> np.ndarray:
     """One volume and its 3D boxes -> label volume, propagating from each box's middle slice.
 
     volume: (D, H, W) uint8. boxes: (N, 6) [x0, y0, z0, x1, y1, z1] in voxels, z closed.
@@ -150,6 +155,8 @@ def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
     its own mask at z - 1); a downward sweep then does the same below the middle slices. Each
     box only ever sees its own masks, so the order of the decodes changes nothing. ``progress``
     is called with each slice index once that slice's decodes of a sweep are done.
+    ``embeddings``: slice embeddings already at hand (anything indexable by z with a
+    ``new_hw``, such as the interactive segmenter's cache) in place of encoding the slices here.
     """
     depth, height, width = volume.shape
     size = backend.image_size
@@ -159,14 +166,15 @@ def predict_3d(backend: Backend, volume: np.ndarray, boxes: np.ndarray,
               for index, (box, z_range) in enumerate(zip(boxes, ranges))
               if z_range[0] <= z_range[1]]     # a box wholly outside the volume paints nothing
     needed = sorted({z for track in tracks for z in range(track.z_min, track.z_max + 1)})
-    embeddings = SliceEmbeddings(backend, volume, needed)
+    if embeddings is None:
+        embeddings = SliceEmbeddings(backend, volume, needed)
     segs = np.zeros(volume.shape, np.uint16 if len(boxes) >= 256 else np.uint8)
     if not tracks:
         return segs
 
     def run(z: int, active: list[_BoxTrack], prompts: list[np.ndarray], upward: bool) -> None:
-        masks = _decode_boxes(backend, embeddings[z], np.stack(prompts), embeddings.new_hw,
-                              (height, width))
+        masks, _ = decode_boxes(backend, embeddings[z], np.stack(prompts), embeddings.new_hw,
+                                (height, width))
         for track, mask in zip(active, masks):
             # Labels grow with the box index, so "later box wins" is "largest label wins":
             # painting with a maximum gives the box-order result whatever the decode order.
