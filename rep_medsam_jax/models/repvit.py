@@ -62,25 +62,29 @@ class TorchBatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        from flax.linen.normalization import _compute_stats, _normalize  # noqa: PLC0415
-
         features = x.shape[-1]
         axes = tuple(range(x.ndim - 1))
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
                                 (features,))
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
                                (features,))
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            mean, var = _compute_stats(x, axes, dtype=None, use_fast_variance=False)
+            # Statistics in (at least) float32, the variance in two passes.
+            wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            mean = wide.mean(axes)
+            var = jnp.square(wide - mean).mean(axes)
             if not self.is_initializing():
                 count = int(np.prod(x.shape[:-1]))
                 unbiased = var * (count / max(count - 1, 1))
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-        return _normalize(self, x, mean, var, axes, (x.ndim - 1,), None, jnp.float32,
-                          self.epsilon, True, True, nn.initializers.zeros, self.scale_init)
+        multiplier = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (x - mean) * multiplier + bias
+        return y.astype(jnp.result_type(x, scale, bias))
 
 
 # --- PyTorch-like initialisation (only matters when training from scratch) ---------------------
