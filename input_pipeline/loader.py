@@ -128,11 +128,13 @@ class ProcessSliceSampler:
     Local position j is global position (j // b) * n * b + index * b + j % b (b = the
     per-process batch, n processes), with that position's record and random generator, so the
     k-th local batch is rows index*b .. (index + 1)*b - 1 of the k-th global batch. A finite
-    ``base`` (evaluation) ends where its global stream ends: the last local batch may be short
-    or missing on some processes.
+    ``base`` ends where its global stream ends: with ``drop_remainder`` after the last full
+    global batch (every process gets as many rows), else after the last record (evaluation: the
+    last local batch may be short or missing on some processes).
     """
 
-    def __init__(self, base: Any, process_index: int, process_count: int, batch_size: int):
+    def __init__(self, base: Any, process_index: int, process_count: int, batch_size: int,
+                 drop_remainder: bool = True):
         self.base = base
         self.process_index = process_index
         self.process_count = process_count
@@ -140,7 +142,8 @@ class ProcessSliceSampler:
         total = len(base)
         global_batch = batch_size * process_count
         full, rest = divmod(total, global_batch)
-        last = min(max(rest - process_index * batch_size, 0), batch_size)
+        last = 0 if drop_remainder else min(max(rest - process_index * batch_size, 0),
+                                             batch_size)
         self._length = total if total >= sys.maxsize else full * batch_size + last
         # grain's DataLoader reads the sharding from the sampler: this one is already sliced.
         self._shard_options = grain.sharding.ShardOptions(shard_index=0, shard_count=1)
@@ -198,7 +201,8 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
                                                   drop_remainder=True),
         shuffle=shuffle, num_epochs=num_epochs, seed=seed)
     if process_count > 1:
-        sampler = ProcessSliceSampler(sampler, process_index, process_count, batch_size)
+        sampler = ProcessSliceSampler(sampler, process_index, process_count, batch_size,
+                                      drop_remainder)
     operations: list[Any] = [PrepareExample(device_images)]
     if augment is not None and augment != NO_AUGMENT:
         operations.append(Augment(augment, device_images))

@@ -29,8 +29,8 @@ from rep_medsam_jax.training.optim import OptimConfig
 REPO = Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 6
 # ``make test`` runs with ``--dist loadfile`` so that one xdist worker runs this whole module:
-# the module fixtures below train six runs, and with plain ``load`` each worker rebuilt them
-# (~4 min each). (``--dist loadgroup`` with an xdist_group mark does not group under pytest 9.2:
+# the module fixtures below train several runs, which with plain ``load`` every worker running
+# one of its tests would train again. (``--dist loadgroup`` with an xdist_group mark does not group under pytest 9.2:
 # pytest-xdist issue #1386.)
 pytestmark = pytest.mark.slow
 
@@ -162,7 +162,7 @@ def runs(setup):
     """All single-process runs, two at a time (XLA compiles on one core):
 
     1. the uninterrupted 1-device baseline and the same run on 4 devices;
-    2. then (compiled programs now cached) a run stopped after step 5 (``--stop-after-steps``)
+    2. then (compiled programs now cached) a run stopped after step 5 (``--stop_after_steps``)
        and a run killed with SIGKILL as soon as its step-3 checkpoint exists (possibly in the
        middle of training step 4 or of saving it);
     3. both restarted with the same command, beside a run sent SIGTERM as soon as it reports

@@ -61,8 +61,9 @@ class DataSection:
     ``DATA/med_sam_slices/size<S>/1.0.0``. Or, for laptops and tests, ``phantoms = (n2d, n3d)``:
     that many built-in phantom cases are written and built into ``WORKDIR/data`` at
     ``phantom_image_size``.
-    augment: "finetune" (colour jitter + flips p=0.7 + box jitter, SPEC §8.2), "pipeline" (the
-    same without colour jitter), "distill" (flips only) or "none".
+    augment: "finetune" (colour jitter + flips p=0.7 + box jitter, the authors'
+    ``train_one_gpu.py``), "pipeline" (the same without colour jitter), "distill" (flips only)
+    or "none".
     teacher_cache_dir / eval_teacher_cache_dir: teacher embeddings of the train / validation
     split (``python -m input_pipeline.teacher_cache``), for distillation with teacher "cache".
     """
@@ -473,8 +474,7 @@ def _check_init_from(config: TrainConfig, model_config) -> None:
 def init_source_kind(source: Path) -> str | None:
     """``"workdir"`` (a training WORKDIR with finished checkpoints), ``"model_dir"`` or None.
 
-    A WORKDIR also holds a ``config.json`` (the training config), so the checkpoints decide:
-    testing for ``config.json`` first took a WORKDIR for a MODEL_DIR and failed on its format.
+    A WORKDIR also holds a ``config.json`` (the training config), so the checkpoints decide.
     """
     from rep_medsam_jax.training.checkpoint import finished_steps  # noqa: PLC0415
 
