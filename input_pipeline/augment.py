@@ -165,30 +165,31 @@ def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
     return _blend(image, rgb_to_grey(image), factor)
 
 
-def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a turn; grey: h = s = 0)."""
+def rgb_to_hsv(image: np.ndarray, xp: Any = np) -> np.ndarray:
+    """(..., 3) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a turn; grey: h = s = 0).
+    ``xp``: the array module (NumPy here, ``jax.numpy`` on the device)."""
     red, green, blue = image[..., 0], image[..., 1], image[..., 2]
     value = image.max(axis=-1)
     chroma = value - image.min(axis=-1)
-    safe_chroma = np.where(chroma > 0, chroma, 1)
-    saturation = np.where(value > 0, chroma / np.where(value > 0, value, 1), 0)
+    safe_chroma = xp.where(chroma > 0, chroma, 1)
+    saturation = xp.where(value > 0, chroma / xp.where(value > 0, value, 1), 0)
     # Hue sector by which channel is the maximum (red first, then green, as colorsys does).
-    hue = np.where(value == red, (green - blue) / safe_chroma,
-                   np.where(value == green, 2 + (blue - red) / safe_chroma,
+    hue = xp.where(value == red, (green - blue) / safe_chroma,
+                   xp.where(value == green, 2 + (blue - red) / safe_chroma,
                             4 + (red - green) / safe_chroma))
-    hue = np.where(chroma > 0, (hue / 6) % 1, 0)
-    return np.stack([hue, saturation, value], axis=-1).astype(image.dtype)
+    hue = xp.where(chroma > 0, (hue / 6) % 1, 0)
+    return xp.stack([hue, saturation, value], axis=-1).astype(image.dtype)
 
 
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+def hsv_to_rgb(hsv: np.ndarray, xp: Any = np) -> np.ndarray:
     """Inverse of :func:`rgb_to_hsv`: channel n in (R, G, B) = v - v s clip(min(k, 4 - k), 0, 1)
     with k = (n' + 6 h) mod 6, n' = 5, 3, 1 (the piecewise-linear HSV hexcone, unrolled)."""
     hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     channels = []
     for offset in (5, 3, 1):
         k = (offset + hue * 6) % 6
-        channels.append(value - value * saturation * np.clip(np.minimum(k, 4 - k), 0, 1))
-    return np.stack(channels, axis=-1)
+        channels.append(value - value * saturation * xp.clip(xp.minimum(k, 4 - k), 0, 1))
+    return xp.stack(channels, axis=-1)
 
 
 def is_grey(image: np.ndarray) -> bool:

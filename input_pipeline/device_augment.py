@@ -8,7 +8,8 @@ have done, with the same maths as ``examples.student_image`` and ``augment.apply
 
 1. min-max normalisation over the valid region, (x - min) / max(max - min, 1e-8), zero outside
    (the padding);
-2. torchvision's ColorJitter: brightness, contrast, saturation and hue in the drawn order.
+2. torchvision's ColorJitter: brightness, contrast, saturation and hue in the drawn order (the
+   colour-space conversions are augment.py's own, run with ``jax.numpy``).
 
 Batched: images (B, S, S, 3), region (B, 4), order (B, 4), factors (B, 4). Each example's
 order is applied with a select over the four adjustments, so the program is one for all orders.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from input_pipeline.augment import hsv_to_rgb, rgb_to_hsv
 from rep_medsam_jax.preprocess import MINMAX_EPS
 
 # torchvision's rgb_to_grayscale weights, as in augment.py (written out as a weighted sum so
@@ -55,39 +57,15 @@ def _blend(image: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
     return jnp.clip(factor * image + (1.0 - factor) * other, 0.0, 1.0)
 
 
-def rgb_to_hsv(image: jax.Array) -> jax.Array:
-    """(..., 3) RGB in [0, 1] -> HSV in [0, 1], as ``augment.rgb_to_hsv``."""
-    red, green, blue = image[..., 0], image[..., 1], image[..., 2]
-    value = image.max(axis=-1)
-    chroma = value - image.min(axis=-1)
-    safe_chroma = jnp.where(chroma > 0, chroma, 1)
-    saturation = jnp.where(value > 0, chroma / jnp.where(value > 0, value, 1), 0)
-    hue = jnp.where(value == red, (green - blue) / safe_chroma,
-                    jnp.where(value == green, 2 + (blue - red) / safe_chroma,
-                              4 + (red - green) / safe_chroma))
-    hue = jnp.where(chroma > 0, (hue / 6) % 1, 0)
-    return jnp.stack([hue, saturation, value], axis=-1)
-
-
-def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
-    """Inverse of :func:`rgb_to_hsv`, as ``augment.hsv_to_rgb``."""
-    hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    channels = []
-    for offset in (5, 3, 1):
-        k = (offset + hue * 6) % 6
-        channels.append(value - value * saturation * jnp.clip(jnp.minimum(k, 4 - k), 0, 1))
-    return jnp.stack(channels, axis=-1)
-
-
 def adjustments(image: jax.Array, factors: jax.Array) -> jax.Array:
     """One (S, S, 3) image -> (4, S, S, 3): it after brightness, contrast, saturation, hue."""
     grey_image = grey(image)
-    hsv = rgb_to_hsv(image)
+    hsv = rgb_to_hsv(image, xp=jnp)
     hsv = hsv.at[..., 0].set((hsv[..., 0] + factors[3]) % 1)
     return jnp.stack([_blend(image, 0.0, factors[0]),
                       _blend(image, jnp.mean(grey_image), factors[1]),
                       _blend(image, grey_image, factors[2]),
-                      jnp.clip(hsv_to_rgb(hsv), 0, 1)])
+                      jnp.clip(hsv_to_rgb(hsv, xp=jnp), 0, 1)])
 
 
 def jitter_images(images: jax.Array, order: jax.Array, factors: jax.Array) -> jax.Array:
