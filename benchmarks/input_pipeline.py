@@ -4,6 +4,14 @@ jitted training step of the full-size model takes per example, on this machine's
 
     python benchmarks/input_pipeline.py [--cases 12 3] [--batch-size 8] [--batches 30]
                                         [--workers 0 2] [--step-batch 2] [--skip-step]
+    python benchmarks/input_pipeline.py --host-cpu [--batches 30]
+
+``--host-cpu``: host CPU microseconds per example (``time.process_time``, one process, no
+workers) of the fine-tuning stream up to the device, images finished on the host (float32
+normalisation and colour jitter, what the loader did before) vs on the device (uint8 images,
+jitter only drawn; ``make_loader(device_images=True)``), measured side by side in the same run
+with the ratio; plus the device's work per example for the latter (on a CPU-only machine that
+device is the CPU too). Writes benchmarks/results/input_host_cpu.json.
 
 Data: built-in phantoms (2D at 256 x 256 of every modality, 3D CT/MR at 24 x 256 x 256) built
 into a temporary tfds dataset. The teacher cache holds random full-size (64, 64, 256) float16
@@ -58,6 +66,81 @@ def loader_throughput(dataset_dir: Path, *, batch_size: int, batches: int, worke
     for _ in range(batches):
         next(iterator)
     return batches * batch_size / (time.perf_counter() - start)
+
+
+def host_cpu_per_example(dataset_dir: Path, *, batch_size: int, batches: int,
+                         device_images: bool) -> tuple[float, int]:
+    """(host CPU microseconds per example, bytes per example sent) of reading, augmenting and
+    placing ``batches`` fine-tuning batches on the default device (after two warm-up ones)."""
+    import jax  # noqa: PLC0415
+
+    from rep_medsam_jax.training.loop import select_batch  # noqa: PLC0415
+
+    loader = make_loader(dataset_dir, "train", batch_size=batch_size, seed=0,
+                         augment=FINETUNE_AUGMENT, worker_count=0, device_images=device_images)
+    iterator = iter(loader)
+
+    def one() -> int:
+        batch = select_batch(next(iterator))
+        jax.block_until_ready(jax.device_put(batch))
+        return sum(v.nbytes for v in batch.values())
+
+    for _ in range(2):
+        one()
+    start = time.process_time()
+    sent = sum(one() for _ in range(batches))
+    seconds = time.process_time() - start
+    return 1e6 * seconds / (batches * batch_size), sent // (batches * batch_size)
+
+
+def device_finish_per_example(dataset_dir: Path, *, batch_size: int, repeats: int = 10) -> float:
+    """Microseconds per example the device spends finishing uint8 images (normalisation +
+    colour jitter, ``device_augment.finish_images`` jitted)."""
+    import jax  # noqa: PLC0415
+
+    from input_pipeline.device_augment import finish_images  # noqa: PLC0415
+
+    loader = make_loader(dataset_dir, "train", batch_size=batch_size, seed=0,
+                         augment=FINETUNE_AUGMENT, worker_count=0, device_images=True)
+    batch = next(iter(loader))
+    keys = ("image", "image_region", "jitter_order", "jitter_factors")
+    device_batch = jax.device_put({k: batch[k] for k in keys})
+    finish = jax.jit(finish_images)
+    jax.block_until_ready(finish(device_batch))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(finish(device_batch))
+    return 1e6 * (time.perf_counter() - start) / (repeats * batch_size)
+
+
+def compare_host_cpu(dataset_dir: Path, batch_size: int, batches: int) -> dict:
+    import json  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    before, before_bytes = host_cpu_per_example(dataset_dir, batch_size=batch_size,
+                                                batches=batches, device_images=False)
+    after, after_bytes = host_cpu_per_example(dataset_dir, batch_size=batch_size,
+                                              batches=batches, device_images=True)
+    device = device_finish_per_example(dataset_dir, batch_size=batch_size)
+    platform = jax.devices()[0].platform
+    print(f"host CPU per example, images finished on the host: {before:.0f} us "
+          f"({before_bytes / 1024:.0f} KiB sent)")
+    print(f"host CPU per example, images finished on the device: {after:.0f} us "
+          f"({after_bytes / 1024:.0f} KiB sent)")
+    print(f"ratio (host / device finishing): {before / after:.2f}x less host CPU per example; "
+          f"the device ({platform}) spends {device:.0f} us per example finishing them")
+    result = {"batch_size": batch_size, "batches": batches, "device": platform,
+              "host_us_per_example_host_finish": round(before, 1),
+              "host_us_per_example_device_finish": round(after, 1),
+              "bytes_per_example_host_finish": before_bytes,
+              "bytes_per_example_device_finish": after_bytes,
+              "device_us_per_example_finish": round(device, 1),
+              "ratio": round(before / after, 3)}
+    out = Path(__file__).resolve().parent / "results" / "input_host_cpu.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def fake_teacher_cache(dataset_dir: Path, cache_dir: Path) -> None:
@@ -157,6 +240,8 @@ def main() -> None:
     parser.add_argument("--step-batch", type=int, default=2)
     parser.add_argument("--skip-step", action="store_true")
     add_out_argument(parser, "input_pipeline")
+    parser.add_argument("--host-cpu", action="store_true",
+                        help="only compare host CPU per example, host vs device image finishing")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,6 +254,9 @@ def main() -> None:
         examples = built.split_sizes["train"]
         print(f"dataset: {examples} training examples from {sum(args.cases)} phantom cases, "
               f"written and built in {time.perf_counter() - start:.1f} s")
+        if args.host_cpu:
+            compare_host_cpu(built.dataset_dir, args.batch_size, args.batches)
+            return
         fake_teacher_cache(built.dataset_dir, root / "cache")
 
         rates = {}

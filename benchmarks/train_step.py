@@ -2,15 +2,23 @@
 model (batch 16, 256 x 256), float32 vs bfloat16 compute, and a PyTorch step of the same maths.
 
     python benchmarks/train_step.py [--batch 16] [--size 256] [--steps 5] [--warmup 2]
-        [--kinds distill seg] [--dtypes float32 bfloat16] [--no-torch] [--json FILE]
+        [--kinds distill seg] [--dtypes float32 bfloat16] [--torch-variants eager tuned]
+        [--no-torch] [--no-jax] [--profile DIR] [--json FILE]
 
 JAX side: ``training.steps`` jitted with the state donated, on the default backend (a GPU if
 JAX has one), AdamW + the reference's percentile clipping; distillation from a cached (random)
 teacher embedding with the heads frozen; segmentation with the reference's squared loss.
 PyTorch side (if torch is installed): the reference model of the tests
-(``tests/reference/medsam_lite_torch.py``: Rep-MedSAM's RepViT + segment-anything's prompt
-encoder and mask decoder) in train mode, the same losses, AdamW and percentile clipping, on CUDA
-if torch has it, else the CPU; bfloat16 via ``torch.autocast``. SAM 1.0's mask decoder repeats
+(``tests/reference/medsam_lite_torch.py``: the RepViT of the Rep-MedSAM authors' repository +
+segment-anything's prompt encoder and mask decoder) in train mode, the same losses, AdamW and
+percentile clipping, on CUDA if torch has it, else the CPU; bfloat16 via ``torch.autocast``.
+Two variants: "eager" (as the authors train) and "tuned" (channels_last memory format for
+model and images, the image encoder, where nearly all the compute is, compiled with
+``torch.compile``; with autocast in the bfloat16 rows), the fair baseline for a speed claim.
+
+``--profile DIR``: after timing, each JAX row runs two more steps under ``jax.profiler.trace``
+(a TensorBoard / Perfetto trace in DIR/<step>_<dtype>) and prints the ops that took the most
+time per step, read from the trace. SAM 1.0's mask decoder repeats
 every image embedding once per box; LiteMedSAM's training copy skips that when there is one box
 per image, and so does the step here (see ``_one_box_per_image``).
 
@@ -95,9 +103,53 @@ def bench_jax(kind: str, dtype: str, args, model, variables, batch) -> dict:
         jax.block_until_ready(metrics["loss"])
         return current
 
-    compile_seconds, times, _ = _time_steps(run, state, args.steps, args.warmup)
+    compile_seconds, times, state = _time_steps(run, state, args.steps, args.warmup)
+    if args.profile:
+        folder = Path(args.profile) / f"{kind}_{dtype}"
+        with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+            for _ in range(PROFILE_STEPS):
+                state = run(state)
+        print_top_ops(folder, f"jax {kind} {dtype}", PROFILE_STEPS)
     return _row("jax", kind, dtype, str(jax.devices()[0].platform), compile_seconds, times,
                 args.batch)
+
+
+PROFILE_STEPS = 2
+# Trace events that are the runtime or Python around the ops, not ops.
+_NOT_OPS = ("PjitFunction", "PjRt", "ThreadPool", "Allocate", "Handle inputs", "Execute",
+            "Await", "Thunk", "TransferTo", "BufferFromPyval")
+
+
+def top_ops(folder: Path, count: int = 15) -> tuple[list[tuple[str, float]], float]:
+    """([(op name, total microseconds)] largest first, total op microseconds) from the Perfetto
+    trace jax.profiler wrote under ``folder`` (Python frames and runtime events left out)."""
+    import collections  # noqa: PLC0415
+    import gzip  # noqa: PLC0415
+
+    paths = sorted(folder.glob("plugins/profile/*/perfetto_trace.json.gz"))
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {folder}")
+    data = json.load(gzip.open(paths[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    python_threads = {e["tid"] for e in events if e.get("ph") == "M"
+                      and e.get("name") == "thread_name"
+                      and str(e.get("args", {}).get("name", "")).startswith("python")}
+    totals: collections.Counter = collections.Counter()
+    for event in events:
+        name = str(event.get("name", ""))
+        if (event.get("ph") != "X" or event.get("tid") in python_threads
+                or name.startswith("$") or any(part in name for part in _NOT_OPS)):
+            continue
+        totals[name] += float(event.get("dur", 0.0))
+    return totals.most_common(count), sum(totals.values())
+
+
+def print_top_ops(folder: Path, label: str, steps: int) -> None:
+    ops, total = top_ops(folder)
+    print(f"\n{label}: top ops by time ({steps} profiled steps, trace in {folder})")
+    for name, micros in ops:
+        print(f"  {micros / steps / 1000:9.2f} ms/step {100 * micros / max(total, 1e-9):5.1f}%  "
+              f"{name[:90]}")
 
 
 def _row(framework, kind, dtype, device, compile_seconds, times, batch) -> dict:
@@ -131,7 +183,7 @@ def _one_box_per_image(modeling):
         decoder_module.torch = saved
 
 
-def bench_torch(kind: str, dtype: str, args, batch) -> dict:
+def bench_torch(kind: str, dtype: str, args, batch, tuned: bool = False) -> dict:
     import torch
 
     from tests.reference.medsam_lite_torch import MedSAMLiteTorch
@@ -149,6 +201,10 @@ def bench_torch(kind: str, dtype: str, args, batch) -> dict:
         parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.01)
     images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+    if tuned:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+        model.image_encoder = torch.compile(model.image_encoder)
     masks = torch.from_numpy(batch["mask"]).float()[:, None].to(device)
     boxes = torch.from_numpy(batch["box"]).float()[:, None, :].to(device)
     target = torch.from_numpy(batch["teacher_embedding"]).permute(0, 3, 1, 2).contiguous().to(
@@ -196,23 +252,29 @@ def bench_torch(kind: str, dtype: str, args, batch) -> dict:
         return None
 
     compile_seconds, times, _ = _time_steps(run, None, args.steps, args.warmup)
-    return _row("torch", kind, dtype, device, compile_seconds, times, args.batch)
+    return _row("torch tuned" if tuned else "torch", kind, dtype, device, compile_seconds,
+                times, args.batch)
 
 
 def print_table(rows: list[dict]) -> None:
-    """The rows, with each JAX row's throughput as a multiple of the PyTorch row of the same
-    step and dtype from this run (the baseline)."""
+    """The rows, with each JAX row's throughput as a multiple of the eager and the tuned PyTorch
+    rows of the same step and dtype from this run (the baselines)."""
     torch_rate = {(r["step"], r["dtype"]): r["images_per_s"] for r in rows
                   if r["framework"] == "torch"}
-    print(f"\n{'framework':9} {'step':8} {'dtype':9} {'device':6} {'first s':>8} "
-          f"{'step s':>8} {'img/s':>8} {'vs torch':>9}")
+    tuned_rate = {(r["step"], r["dtype"]): r["images_per_s"] for r in rows
+                  if r["framework"] == "torch tuned"}
+    print(f"\n{'framework':11} {'step':8} {'dtype':9} {'device':6} {'first s':>8} "
+          f"{'step s':>8} {'img/s':>8} {'vs torch':>9} {'vs tuned':>9}")
     for row in rows:
-        baseline = torch_rate.get((row["step"], row["dtype"]))
-        ratio = (f"{row['images_per_s'] / baseline:8.2f}x"
-                 if row["framework"] == "jax" and baseline else f"{'':9}")
-        print(f"{row['framework']:9} {row['step']:8} {row['dtype']:9} {row['device']:6} "
+        key = (row["step"], row["dtype"])
+        # JAX and the tuned step against eager PyTorch; JAX against the tuned step.
+        compared = [(torch_rate.get(key), row["framework"] != "torch"),
+                    (tuned_rate.get(key), row["framework"] == "jax")]
+        ratios = [f"{row['images_per_s'] / base:8.2f}x" if base and shown else f"{'':9}"
+                  for base, shown in compared]
+        print(f"{row['framework']:11} {row['step']:8} {row['dtype']:9} {row['device']:6} "
               f"{row['first_call_s']:8.1f} {row['step_s']:8.3f} {row['images_per_s']:8.2f} "
-              f"{ratio}")
+              f"{ratios[0]} {ratios[1]}")
 
 
 def main() -> None:
@@ -227,6 +289,10 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                         choices=["float32", "bfloat16"])
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-variants", nargs="+", default=["eager", "tuned"],
+                        choices=["eager", "tuned"])
+    parser.add_argument("--profile", metavar="DIR",
+                        help="trace two more steps of each JAX row and print the top ops")
     parser.add_argument("--no-jax", action="store_true")
     add_out_argument(parser, "train_step", ".json", flag="--json")
     args = parser.parse_args()
@@ -257,8 +323,12 @@ def main() -> None:
             if not args.no_jax:
                 rows.append(bench_jax(kind, dtype, args, model, variables, batch))
                 print(json.dumps(rows[-1]), flush=True)
-            if run_torch:
-                rows.append(bench_torch(kind, dtype, args, batch))
+            for variant in args.torch_variants if run_torch else ():
+                try:
+                    rows.append(bench_torch(kind, dtype, args, batch, tuned=variant == "tuned"))
+                except Exception as err:  # noqa: BLE001 (torch.compile needs a C++ toolchain)
+                    print(f"torch {variant} {kind} {dtype} failed: {err}", flush=True)
+                    continue
                 print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     write_json(resolve_out(args.json, "train_step", ".json"), rows)

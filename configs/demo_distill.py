@@ -8,13 +8,16 @@ this shows the machinery (and the MSE falling), not a useful teacher. With a con
     python train.py --config configs/demo_distill.py --workdir demo_output/train/distill
 """
 
+import ml_collections
+
 from rep_medsam_jax.training.config import (DataSection, ModelSection, TeacherSection,
-                                            TrainConfig)
+                                            TrainConfig,
+                                            as_config_dict)
 from rep_medsam_jax.training.optim import OptimConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config() -> ml_collections.ConfigDict:
+    return as_config_dict(TrainConfig(
         name="demo_distill",
         stage="distill",
         model=ModelSection(preset="rep_medsam_tiny", image_size=64),
@@ -29,4 +32,4 @@ def get_config() -> TrainConfig:
         best_metric="val/mse",
         best_mode="min",
         log_every_steps=10,
-    )
+    ))

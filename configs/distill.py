@@ -1,9 +1,10 @@
 """Stage 1 of 3 (paper Table 2): distil the RepViT encoder from MedSAM ViT-B's embeddings.
 
 5 epochs, AdamW lr 5e-4, batch 16, flips (mirrored onto the stored teacher embedding), no
-colour jitter. Loss: MSE(student embedding, teacher embedding) (SPEC §8.1). Only the image
-encoder trains; the prompt encoder and mask decoder come from MedSAM and stay frozen, so the
-validation DSC measures how well the student's embedding drives MedSAM's own decoder.
+colour jitter. Loss: MSE(student embedding, teacher embedding), as the authors' ``distil.py``.
+Only the image encoder trains; the prompt encoder and mask decoder come from MedSAM and stay
+frozen, so the validation DSC measures how well the student's embedding drives MedSAM's own
+decoder.
 
 Before: build the dataset and the teacher cache, and convert MedSAM (docs/training.md)::
 
@@ -17,25 +18,28 @@ Before: build the dataset and the teacher cache, and convert MedSAM (docs/traini
 Launch (one device)::
 
     python train.py --config configs/distill.py --workdir work_dirs/distill \\
-        --set data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
-        --set data.teacher_cache_dir=CACHE/train \\
-        --set data.eval_teacher_cache_dir=CACHE/validation \\
-        --set model.init_from=models/medsam_vit_b
+        --config.data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
+        --config.data.teacher_cache_dir=CACHE/train \\
+        --config.data.eval_teacher_cache_dir=CACHE/validation \\
+        --config.model.init_from=models/medsam_vit_b
 
 Without a cache, run the teacher in the step on the identically augmented image (exact, about
-8x the compute of the student): ``--set teacher.source=online
---set teacher.model_dir=models/medsam_vit_b``.
-Multi-host: add ``--coordinator HOST:PORT --num-processes N --process-id I`` on every host
-(or ``--distributed-auto`` on a TPU pod slice / SLURM), see docs/training.md.
+8x the compute of the student): ``--config.teacher.source=online
+--config.teacher.model_dir=models/medsam_vit_b``.
+Multi-host: add ``--coordinator HOST:PORT --num_processes N --process_id I`` on every host
+(or ``--distributed_auto`` on a TPU pod slice / SLURM), see docs/training.md.
 """
 
+import ml_collections
+
 from rep_medsam_jax.training.config import (DataSection, LossSection, ModelSection,
-                                            TeacherSection, TrainConfig)
+                                            TeacherSection, TrainConfig,
+                                            as_config_dict)
 from rep_medsam_jax.training.optim import OptimConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config() -> ml_collections.ConfigDict:
+    return as_config_dict(TrainConfig(
         name="distill",
         stage="distill",
         # init_from: a MODEL_DIR whose prompt encoder and mask decoder are MedSAM's.
@@ -52,4 +56,6 @@ def get_config() -> TrainConfig:
         best_mode="max",
         plateau_metric="val/loss",
         log_every_steps=50,
-    )
+        # Bounds what a hard kill loses (an epoch of the real data takes hours).
+        checkpoint_every_minutes=30,
+    ))

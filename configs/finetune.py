@@ -1,25 +1,28 @@
 """Stage 3 of 3 (paper Table 4): fine-tune the whole pipeline with colour jitter.
 
 12 epochs, AdamW lr 2e-5, batch 16, torchvision ColorJitter(0.4, 0.5, 0.4, 0.2) then flips
-(p = 0.7 each) and box widening by 0..5 px (SPEC §8.2); the same loss, clipping and plateau rule
-as stage 2.
+(p = 0.7 each) and box widening by 0..5 px (the authors' ``train_one_gpu.py``); the same loss,
+clipping and plateau rule as stage 2.
 
 Starts from stage 2's best checkpoint::
 
     python train.py --config configs/finetune.py --workdir work_dirs/finetune \\
-        --set data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
-        --set model.init_from=work_dirs/pipeline
+        --config.data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
+        --config.model.init_from=work_dirs/pipeline
 
 The result, ``work_dirs/finetune/model``, is a MODEL_DIR: ``rep-medsam export`` and
 ``rep-medsam predict`` take it directly. Multi-host: see docs/training.md.
 """
 
-from rep_medsam_jax.training.config import DataSection, LossSection, ModelSection, TrainConfig
+import ml_collections
+
+from rep_medsam_jax.training.config import (DataSection, LossSection, ModelSection, TrainConfig,
+                                            as_config_dict)
 from rep_medsam_jax.training.optim import OptimConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config() -> ml_collections.ConfigDict:
+    return as_config_dict(TrainConfig(
         name="finetune",
         stage="seg",
         model=ModelSection(preset="rep_medsam"),
@@ -32,4 +35,6 @@ def get_config() -> TrainConfig:
         best_metric="val/dsc",
         best_mode="max",
         log_every_steps=50,
-    )
+        # Bounds what a hard kill loses (an epoch of the real data takes hours).
+        checkpoint_every_minutes=30,
+    ))

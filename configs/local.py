@@ -12,13 +12,16 @@ on a 2-core laptop-class CPU (compilation included). The demo trains this config
 phantom volumes) and tests/test_demo.py checks DSC >= 0.8 on its held-out phantom cases.
 """
 
+import ml_collections
+
 from rep_medsam_jax.training.config import (DataSection, LossSection, ModelSection,
-                                            TrainConfig)
+                                            TrainConfig,
+                                            as_config_dict)
 from rep_medsam_jax.training.optim import OptimConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config() -> ml_collections.ConfigDict:
+    return as_config_dict(TrainConfig(
         name="local",
         stage="seg",
         model=ModelSection(preset="rep_medsam_tiny", image_size=64),
@@ -37,4 +40,4 @@ def get_config() -> TrainConfig:
         keep_checkpoints=2,
         best_metric="val/dsc",
         best_mode="max",
-    )
+    ))

@@ -8,13 +8,16 @@ plateau) rather than a useful model::
     python train.py --config configs/local_distill.py --workdir work_dirs/local_distill
 """
 
+import ml_collections
+
 from rep_medsam_jax.training.config import (DataSection, ModelSection, TeacherSection,
-                                            TrainConfig)
+                                            TrainConfig,
+                                            as_config_dict)
 from rep_medsam_jax.training.optim import OptimConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config() -> ml_collections.ConfigDict:
+    return as_config_dict(TrainConfig(
         name="local_distill",
         stage="distill",
         model=ModelSection(preset="rep_medsam", image_size=32),
@@ -28,4 +31,4 @@ def get_config() -> TrainConfig:
         best_metric="val/mse",
         best_mode="min",
         log_every_steps=5,
-    )
+    ))

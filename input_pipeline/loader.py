@@ -15,14 +15,18 @@ example's augmentation draws from a generator seeded by (seed, position in the s
 a run is reproduced exactly by the same arguments; the batches do depend on ``worker_count``
 (each worker batches its own share), so keep it fixed across a restart.
 
-Per-host sharding: host i of n reads records i*N/n .. (i+1)*N/n - 1 of the split (grain
-``ShardOptions``, remainder dropped so every host runs the same number of steps). The indices
-are passed in as ints, so a test can play several hosts in one process.
+Per-host sharding: every host walks the same seeded stream of global batches (the stream one
+process would read) and loads only its own rows of each: host i of n takes rows
+i*b .. (i+1)*b - 1 of every global batch of n*b (:class:`ProcessSliceSampler`), with the same
+per-example augmentation seed. So n hosts train on exactly the batches one host would, and a
+run's data does not depend on the number of hosts. The indices are passed in as ints, so a test
+can play several hosts in one process.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,15 +80,22 @@ class ExampleSource:
                 f"records={len(self._records)}, teacher_cache={self._teacher is not None})")
 
 
-def prepare_example(record: dict[str, Any]) -> dict[str, Any]:
+def prepare_example(record: dict[str, Any], device_images: bool = False) -> dict[str, Any]:
     """A stored record -> the model's view (before augmentation).
 
     image (S, S, 3) float32 in [0, 1] (``examples.student_image``), mask (S, S) uint8,
     box (4,) int32, image_hw (2,) int32, label / slice_index int32, index int64,
-    case_id / modality bytes, teacher_embedding when present.
+    case_id / modality bytes, teacher_embedding when present. device_images: the image stays
+    the stored uint8, with ``image_region`` (4,) int32 [0, 0, newh, neww) for the device to
+    normalise (``device_augment.finish_images``).
     """
     example = dict(record)
-    example["image"] = student_image(record["image"], record["image_hw"])
+    if device_images:
+        example["image"] = np.asarray(record["image"], np.uint8)
+        height, width = (int(v) for v in record["image_hw"])
+        example["image_region"] = np.array([0, 0, height, width], np.int32)
+    else:
+        example["image"] = student_image(record["image"], record["image_hw"])
     example["mask"] = np.asarray(record["mask"], np.uint8)
     example["box"] = np.asarray(record["box"], np.int32)
     example["label"] = np.int32(record["label"])
@@ -93,18 +104,67 @@ def prepare_example(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class PrepareExample(grain.transforms.Map):
+    def __init__(self, device_images: bool = False):
+        self.device_images = device_images
+
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        return prepare_example(element)
+        return prepare_example(element, self.device_images)
 
 
 class Augment(grain.transforms.RandomMap):
-    """``augment_example`` with grain's per-element seeded generator."""
+    """``augment_example`` with grain's per-element seeded generator (colour jitter only drawn,
+    for the device, with ``device_images``)."""
 
-    def __init__(self, config: AugmentConfig):
+    def __init__(self, config: AugmentConfig, device_images: bool = False):
         self.config = config
+        self.device_images = device_images
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        return augment_example(element, rng, self.config)
+        return augment_example(element, rng, self.config, jitter_on_device=self.device_images)
+
+
+class ProcessSliceSampler:
+    """A grain sampler: this process's rows of each global batch of ``base``'s stream.
+
+    Local position j is global position (j // b) * n * b + index * b + j % b (b = the
+    per-process batch, n processes), with that position's record and random generator, so the
+    k-th local batch is rows index*b .. (index + 1)*b - 1 of the k-th global batch. A finite
+    ``base`` ends where its global stream ends: with ``drop_remainder`` after the last full
+    global batch (every process gets as many rows), else after the last record (evaluation: the
+    last local batch may be short or missing on some processes).
+    """
+
+    def __init__(self, base: Any, process_index: int, process_count: int, batch_size: int,
+                 drop_remainder: bool = True):
+        self.base = base
+        self.process_index = process_index
+        self.process_count = process_count
+        self.batch_size = batch_size
+        total = len(base)
+        global_batch = batch_size * process_count
+        full, rest = divmod(total, global_batch)
+        last = 0 if drop_remainder else min(max(rest - process_index * batch_size, 0),
+                                             batch_size)
+        self._length = total if total >= sys.maxsize else full * batch_size + last
+        # grain's DataLoader reads the sharding from the sampler: this one is already sliced.
+        self._shard_options = grain.sharding.ShardOptions(shard_index=0, shard_count=1)
+
+    def global_position(self, index: int) -> int:
+        batch, row = divmod(index, self.batch_size)
+        return (batch * self.process_count + self.process_index) * self.batch_size + row
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} is out of bounds [0, {self._length})")
+        record = self.base[self.global_position(index)]
+        return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+    def __repr__(self) -> str:
+        return (f"ProcessSliceSampler({self.base!r}, process {self.process_index} of "
+                f"{self.process_count}, batch {self.batch_size})")
 
 
 def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: int = 0,
@@ -112,12 +172,15 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
                 num_epochs: int | None = None, worker_count: int = 0,
                 worker_buffer_size: int = 2, process_index: int = 0, process_count: int = 1,
                 drop_remainder: bool = True, read_threads: int = 4, read_buffer: int = 32,
-                teacher_cache_dir: str | Path | None = None) -> grain.DataLoader:
+                teacher_cache_dir: str | Path | None = None,
+                device_images: bool = False) -> grain.DataLoader:
     """The grain DataLoader of one split (see the module docstring).
 
     augment: None for no augmentation (evaluation); num_epochs None repeats forever.
     read_threads / read_buffer: reading threads and records read ahead, per process. grain's
     defaults (16, 500) suit 1-10 KiB records; ours are ~260 KiB and the decode is CPU-bound.
+    device_images: images stay uint8 and colour jitter is only drawn; the device finishes them
+    (``input_pipeline.device_augment.finish_images``), which saves host CPU time.
     Batches are dicts of arrays with a leading batch axis (B = batch_size).
     """
     if not 0 <= process_index < process_count:
@@ -125,13 +188,15 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
     source = ExampleSource(dataset_dir, split, teacher_cache_dir)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
-        shard_options=grain.sharding.ShardOptions(shard_index=process_index,
-                                                  shard_count=process_count,
+        shard_options=grain.sharding.ShardOptions(shard_index=0, shard_count=1,
                                                   drop_remainder=True),
         shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-    operations: list[Any] = [PrepareExample()]
+    if process_count > 1:
+        sampler = ProcessSliceSampler(sampler, process_index, process_count, batch_size,
+                                      drop_remainder)
+    operations: list[Any] = [PrepareExample(device_images)]
     if augment is not None and augment != NO_AUGMENT:
-        operations.append(Augment(augment))
+        operations.append(Augment(augment, device_images))
     operations.append(grain.transforms.Batch(batch_size=batch_size,
                                              drop_remainder=drop_remainder))
     if worker_count > 0:

@@ -1,5 +1,6 @@
 """Augmentation: flips consistent across image / mask / box / teacher embedding, colour jitter
-against hand values and the standard library's colorsys, box perturbation bounds."""
+against hand values and the standard library's colorsys, box perturbation bounds (the recipe
+of the authors' ``train_one_gpu.py``)."""
 
 from __future__ import annotations
 

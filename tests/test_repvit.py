@@ -175,30 +175,35 @@ def test_tiny_converted_matches_torch_eval():
 
 
 def test_tiny_train_mode_matches_torch_train_mode_and_updates_batch_stats():
+    """Three training-mode forwards on different batches: outputs and running statistics follow
+    PyTorch's (batch mean and *unbiased* batch variance folded in with momentum 0.1)."""
     module = ref.build_reference(TINY.rows, TINY.stem_strides, TINY.neck_channels, seed=5)
     variables = _convert(module, TINY)
-    x = np.random.default_rng(5).random((2, 48, 48, 3), dtype=np.float32)
-
-    (y_jax, _), updates = forward_tiny_train(variables, x)
     module.train()
-    y_torch = _torch_forward_nhwc(module, x)          # also updates torch's running stats
-    np.testing.assert_allclose(np.asarray(y_jax), y_torch, atol=1e-4)
 
-    old = variables["batch_stats"]
-    new = updates["batch_stats"]
-    torch_new = _convert(module.eval(), TINY)["batch_stats"]
-    flat_old = dict(jax.tree_util.tree_leaves_with_path(old))
-    flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
-    flat_torch = dict(jax.tree_util.tree_leaves_with_path(torch_new))
-    assert flat_new.keys() == flat_old.keys() == flat_torch.keys()
-    for path, before in flat_old.items():
-        after = np.asarray(flat_new[path])
-        assert not np.allclose(after, before), jax.tree_util.keystr(path)
-        if path[-1].key == "mean":             # momentum 0.9 on the batch mean, as torch's 0.1
-            np.testing.assert_allclose(after, flat_torch[path], atol=1e-5, rtol=1e-5)
-        else:  # var: torch folds in the unbiased batch variance, Flax the biased one (n >= 288)
-            np.testing.assert_allclose(after - 0.9 * before, flat_torch[path] - 0.9 * before,
-                                       rtol=5e-3, atol=1e-6)
+    def flat(stats):
+        return {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(stats)}
+
+    ours_before = torch_before = flat(variables["batch_stats"])
+    for step in range(3):
+        x = np.random.default_rng([5, step]).random((2, 48, 48, 3), dtype=np.float32)
+        (y_jax, _), updates = forward_tiny_train(variables, x)
+        y_torch = _torch_forward_nhwc(module, x)      # also updates torch's running stats
+        np.testing.assert_allclose(np.asarray(y_jax), y_torch, atol=1e-4)
+        variables = {**variables, "batch_stats": updates["batch_stats"]}
+        ours = flat(variables["batch_stats"])
+        theirs = flat(_convert(module, TINY)["batch_stats"])
+        assert ours.keys() == theirs.keys()
+        for key, after in ours.items():
+            assert not np.allclose(after, ours_before[key]), key
+            np.testing.assert_allclose(after, theirs[key], rtol=1e-5, atol=1e-6, err_msg=key)
+            # What this batch added (0.1 x its mean or unbiased variance): the biased variance
+            # would be smaller by a factor (n - 1) / n, n = B*H*W <= 1152.
+            np.testing.assert_allclose(after - 0.9 * ours_before[key],
+                                       theirs[key] - 0.9 * torch_before[key],
+                                       rtol=1e-5, atol=1e-7, err_msg=key)
+        ours_before, torch_before = ours, theirs
 
 
 # --- initialisation -------------------------------------------------------------------------

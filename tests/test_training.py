@@ -367,11 +367,49 @@ def test_checkpoint_of_another_variant_is_refused(tmp_path):
 
 
 def test_train_cli_fails_fast_with_a_clear_message(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "local.py"),
-         "--workdir", str(tmp_path / "w"), "--set", "optim.learning_rate=-0.001"],
-        capture_output=True, text=True, cwd=REPO, timeout=120)
+    def train(*overrides):
+        return subprocess.run(
+            [sys.executable, str(REPO / "train.py"), "--config",
+             str(REPO / "configs" / "local.py"), "--workdir", str(tmp_path / "w"), *overrides],
+            capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    result = train("--config.optim.learning_rate=-0.001")
     assert result.returncode == 2
-    assert "config error: optim.learning_rate must be > 0" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "config error: optim.learning_rate must be > 0, got -0.001")
+    # A value of the wrong type or an unknown key: refused while parsing the flags.
+    result = train("--config.batch_size=abc")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: flag --config.batch_size=abc: invalid literal for int() with base 10: "
+        "'abc'"]
+    result = train("--config.optim.learnin_rate=1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: --config: unknown key 'learnin_rate' (did you mean 'learning_rate'?)"]
     assert not (tmp_path / "w").exists()                 # nothing was started
     assert "Traceback" not in result.stderr              # refused by the check, not a crash
+
+
+def test_config_files_are_config_dicts_with_typed_overrides():
+    """configs/*.py return ml_collections ConfigDicts that round-trip to the dataclasses; a
+    mapping with an unknown key or a wrong type is refused with the key's name."""
+    import ml_collections
+
+    from rep_medsam_jax.training.config import as_config_dict, from_config_dict, load_config
+
+    for path in sorted((REPO / "configs").glob("*.py")):
+        config = load_config(path)
+        assert isinstance(as_config_dict(config), ml_collections.ConfigDict)
+        assert from_config_dict(as_config_dict(config)) == config, path.name
+    stage = load_config(REPO / "configs" / "finetune.py")
+    assert stage.checkpoint_every_minutes > 0        # time-based checkpoints on in the stages
+    changed = as_config_dict(stage)
+    changed.data.phantoms = (4, 0)
+    changed.optim.trainable = ("mask_decoder",)
+    assert from_config_dict(changed).data.phantoms == (4, 0)
+    assert from_config_dict(changed).optim.trainable == ("mask_decoder",)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        from_config_dict({**stage.to_json(), "bach_size": 4})
+    with pytest.raises(ConfigError, match="batch_size: expected an integer"):
+        from_config_dict({**stage.to_json(), "batch_size": "four"})

@@ -5,8 +5,8 @@ Perspective", CVPR 2024) with a stride-1 stem and a stride-1 last stage, plus SA
 Two forms of the same network, chosen by ``deploy``:
 
 * training form (``deploy=False``): every convolution that the reference follows with a
-  BatchNorm is a ``ConvBN`` (conv without bias + ``nn.BatchNorm``), and every stride-1 token mixer
-  is a ``RepVGGDW`` (depthwise 3x3 conv+BN, depthwise 1x1 conv with bias, identity, outer BN).
+  BatchNorm is a ``ConvBN`` (conv without bias + ``TorchBatchNorm``), and every stride-1 token
+  mixer is a ``RepVGGDW`` (depthwise 3x3 conv+BN, depthwise 1x1 conv with bias, identity, outer BN).
   Variables: ``{"params", "batch_stats"}``. This is the form checkpoints are converted into and
   the form that trains.
 * deploy form (``deploy=True``): each ``ConvBN`` and each ``RepVGGDW`` is a single convolution
@@ -44,10 +44,48 @@ from rep_medsam_jax.models.layers import LayerNorm2d, gelu, torch_padding
 
 BN_MOMENTUM = 0.9     # Flax keeps `momentum` of the old statistic: 1 - PyTorch's 0.1.
 BN_EPSILON = 1e-5
-# Train-mode BatchNorm normalises with the biased batch variance, as PyTorch does, computed in
-# two passes (use_fast_variance=False) like PyTorch rather than as E[x^2] - E[x]^2. One known
-# difference stays (docs/differences.md): PyTorch folds the *unbiased* batch variance into
-# running_var, Flax the biased one, a relative 1/(n-1) with n = B*H*W (tests/test_repvit.py).
+
+
+class TorchBatchNorm(nn.Module):
+    """BatchNorm over the last axis that updates its running statistics as PyTorch does.
+
+    Train mode normalises with the batch mean and the *biased* batch variance (two passes, not
+    E[x^2] - E[x]^2) and folds the *unbiased* variance, n / (n - 1) times the biased one with
+    n = B*H*W, into ``var`` (``torch.nn.BatchNorm2d``; flax's ``nn.BatchNorm`` folds the biased
+    one). Variables and numerics are otherwise flax's: params ``scale`` / ``bias``, batch_stats
+    ``mean`` / ``var``. x: (..., C) -> (..., C).
+    """
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    scale_init: Callable[..., jax.Array] = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                                (features,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
+                               (features,))
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            # Statistics in (at least) float32, the variance in two passes.
+            wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            mean = wide.mean(axes)
+            var = jnp.square(wide - mean).mean(axes)
+            if not self.is_initializing():
+                count = int(np.prod(x.shape[:-1]))
+                unbiased = var * (count / max(count - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        multiplier = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (x - mean) * multiplier + bias
+        return y.astype(jnp.result_type(x, scale, bias))
 
 
 # --- PyTorch-like initialisation (only matters when training from scratch) ---------------------
@@ -172,10 +210,10 @@ class ConvBN(nn.Module):
                   groups=self.groups, use_bias=self.deploy, fan_in=fan_in, name="conv")(x)
         if self.deploy:
             return y
-        return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                            epsilon=BN_EPSILON, use_fast_variance=False,
-                            scale_init=nn.initializers.constant(self.bn_weight_init),
-                            name="bn")(y)
+        return TorchBatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                              epsilon=BN_EPSILON,
+                              scale_init=nn.initializers.constant(self.bn_weight_init),
+                              name="bn")(y)
 
 
 class RepVGGDW(nn.Module):
@@ -194,9 +232,8 @@ class RepVGGDW(nn.Module):
                          name="conv")(x)
         branch3 = ConvBN(channels, 3, 1, 1, groups=channels, name="dw3x3")(x, train)
         branch1 = _conv(channels, 1, groups=channels, use_bias=True, fan_in=1, name="dw1x1")(x)
-        return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                            epsilon=BN_EPSILON, use_fast_variance=False,
-                            name="bn")(branch3 + branch1 + x)
+        return TorchBatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                              epsilon=BN_EPSILON, name="bn")(branch3 + branch1 + x)
 
 
 class SqueezeExcite(nn.Module):

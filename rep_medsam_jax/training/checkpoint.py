@@ -188,6 +188,10 @@ class Checkpointer:
                                                meta=ocp.args.JsonRestore()))
         return state_from_tree(restored["state"]), restored["data"], dict(restored["meta"])
 
+    def delete(self, step: int) -> None:
+        """Remove a finished step (every process calls it; orbax synchronises them)."""
+        self._manager.delete(int(step))
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -1,11 +1,13 @@
-"""Training configuration: frozen dataclasses, loaded from a Python or JSON config file,
-overridden with ``--set key=value``, and checked before any compute (:func:`validate`).
+"""Training configuration: frozen dataclasses, written as ``ml_collections`` config files and
+checked before any compute (:func:`validate`).
 
-A config file (``configs/*.py``) defines ``get_config() -> TrainConfig``; a ``.json`` file holds
-``TrainConfig.to_json()``. Overrides use dotted paths into the dataclasses
-(``optim.learning_rate=1e-4``, ``data.dataset_dir=/data/x``, ``model.trainable=[...]``); the
-value is parsed as a Python/JSON literal when it is one, else taken as a string, and converted
-to the type of the field it replaces.
+A config file (``configs/*.py``) defines ``get_config()`` returning an
+``ml_collections.ConfigDict`` (:func:`as_config_dict` of a :class:`TrainConfig`), so that
+``train.py --config configs/x.py --config.optim.learning_rate=1e-4`` overrides any value, typed
+by the ConfigDict, as flax's examples and big_vision do. :func:`from_config_dict` turns the
+result back into the dataclasses, refusing unknown keys and converting each value to its field's
+type. ``load_config`` also reads a ``.json`` file (``TrainConfig.to_json()``, e.g. a run's
+``WORKDIR/config.json``) and applies ``key=value`` overrides in Python.
 
 Nothing here computes or touches a device, so a bad config fails in about a second.
 """
@@ -59,8 +61,9 @@ class DataSection:
     ``DATA/med_sam_slices/size<S>/1.0.0``. Or, for laptops and tests, ``phantoms = (n2d, n3d)``:
     that many built-in phantom cases are written and built into ``WORKDIR/data`` at
     ``phantom_image_size``.
-    augment: "finetune" (colour jitter + flips p=0.7 + box jitter, SPEC §8.2), "pipeline" (the
-    same without colour jitter), "distill" (flips only) or "none".
+    augment: "finetune" (colour jitter + flips p=0.7 + box jitter, the authors'
+    ``train_one_gpu.py``), "pipeline" (the same without colour jitter), "distill" (flips only)
+    or "none".
     teacher_cache_dir / eval_teacher_cache_dir: teacher embeddings of the train / validation
     split (``python -m input_pipeline.teacher_cache``), for distillation with teacher "cache".
     """
@@ -116,6 +119,8 @@ class TrainConfig:
     batch_size: the global batch over all devices and processes.
     num_epochs: passes over the train split (fractions allowed); total_steps > 0 overrides.
     eval_every_steps / checkpoint_every_steps: 0 means once per epoch / at every evaluation.
+    checkpoint_every_minutes: also save when this much time passed since the last save (0: off),
+    which bounds the work a hard kill loses when epochs take hours.
     plateau_metric: the validation metric fed to reduce-on-plateau ("val/loss").
     best_metric / best_mode: which checkpoint is kept as the best.
     """
@@ -134,6 +139,7 @@ class TrainConfig:
     eval_every_steps: int = 0
     eval_max_batches: int = 0
     checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 0.0
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     best_metric: str = "val/dsc"
@@ -217,6 +223,21 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**{k: _coerce(v, types_[k], prefix + k) for k, v in data.items()})
 
 
+def as_config_dict(config: TrainConfig):
+    """A TrainConfig as an ``ml_collections.ConfigDict`` (what a config file's get_config()
+    returns; its keys and value types are those of the dataclasses)."""
+    import ml_collections  # noqa: PLC0415
+
+    return ml_collections.ConfigDict(config.to_json())
+
+
+def from_config_dict(config_dict: Any) -> TrainConfig:
+    """A ConfigDict (or a plain mapping) of :func:`as_config_dict`'s layout -> TrainConfig;
+    raises ConfigError on unknown keys or values of the wrong type."""
+    data = config_dict.to_dict() if hasattr(config_dict, "to_dict") else dict(config_dict)
+    return TrainConfig.from_json(data)
+
+
 def _parse_literal(text: str) -> Any:
     for parse in (json.loads, ast.literal_eval):
         try:
@@ -230,7 +251,7 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
     """``["optim.learning_rate=1e-4", ...]`` applied in order."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
+            raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
         config = _replace_path(config, key.strip().split("."), _parse_literal(text.strip()), key)
     return config
@@ -240,18 +261,18 @@ def _replace_path(node: Any, path: list[str], value: Any, key: str) -> Any:
     types_ = _field_types(type(node))
     name = path[0]
     if name not in types_:
-        raise ConfigError(f"--set {key}: no key {name!r} here; known: {sorted(types_)}")
+        raise ConfigError(f"override {key}: no key {name!r} here; known: {sorted(types_)}")
     if len(path) == 1:
         return dataclasses.replace(node, **{name: _coerce(value, types_[name], key)})
     child = getattr(node, name)
     if not dataclasses.is_dataclass(child):
-        raise ConfigError(f"--set {key}: {name!r} is not a section")
+        raise ConfigError(f"override {key}: {name!r} is not a section")
     return dataclasses.replace(node, **{name: _replace_path(child, path[1:], value, key)})
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """A config file (``configs/x.py`` with ``get_config()``, ``configs/x`` for the same, or a
-    ``.json``) with ``overrides`` applied."""
+    """A config file (``configs/x.py`` with ``get_config()`` returning a ConfigDict or a
+    TrainConfig, ``configs/x`` for the same, or a ``.json``) with ``overrides`` applied."""
     path = Path(path)
     if not path.exists() and path.suffix == "" and path.with_suffix(".py").exists():
         path = path.with_suffix(".py")
@@ -267,7 +288,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
             raise ConfigError(f"{path}: a config file must define get_config()")
         config = module.get_config()
         if not isinstance(config, TrainConfig):
-            raise ConfigError(f"{path}: get_config() must return a TrainConfig")
+            if not hasattr(config, "to_dict"):
+                raise ConfigError(f"{path}: get_config() must return an ml_collections "
+                                  "ConfigDict (as_config_dict(TrainConfig(...)))")
+            config = from_config_dict(config)
     return apply_overrides(config, overrides)
 
 
@@ -313,6 +337,8 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
           f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
     for key in ("eval_every_steps", "checkpoint_every_steps", "eval_max_batches"):
         _need(getattr(config, key) >= 0, f"{key} must be >= 0, got {getattr(config, key)}")
+    _need(config.checkpoint_every_minutes >= 0,
+          f"checkpoint_every_minutes must be >= 0 (0: off), got {config.checkpoint_every_minutes}")
     _need(config.keep_checkpoints >= 1,
           f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
     _need(config.log_every_steps >= 1,
@@ -344,8 +370,8 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
     else:
         _need(bool(data.dataset_dir),
               "data.dataset_dir is empty: give a built dataset (python -m input_pipeline.build "
-              "... then --set data.dataset_dir=DATA/med_sam_slices/size256/1.0.0) or "
-              "data.phantoms=[n2d,n3d] for built-in data")
+              "... then --config.data.dataset_dir=DATA/med_sam_slices/size256/1.0.0) or "
+              "data.phantoms=(n2d,n3d) for built-in data")
         dataset = Path(data.dataset_dir)
         _need(dataset.is_dir(), f"data.dataset_dir {dataset} does not exist")
         _need((dataset / "dataset_info.json").is_file(),
@@ -448,8 +474,7 @@ def _check_init_from(config: TrainConfig, model_config) -> None:
 def init_source_kind(source: Path) -> str | None:
     """``"workdir"`` (a training WORKDIR with finished checkpoints), ``"model_dir"`` or None.
 
-    A WORKDIR also holds a ``config.json`` (the training config), so the checkpoints decide:
-    testing for ``config.json`` first took a WORKDIR for a MODEL_DIR and failed on its format.
+    A WORKDIR also holds a ``config.json`` (the training config), so the checkpoints decide.
     """
     from rep_medsam_jax.training.checkpoint import finished_steps  # noqa: PLC0415
 

@@ -9,13 +9,16 @@ Order of one iteration (step k -> k + 1)::
     state, metrics = train_step(state, batch, fold_in(key, k))
     every log_every_steps:   progress bar, metrics.jsonl, TensorBoard
     every eval_every_steps:  evaluate -> plateau update of the optimiser state (val loss)
-    every checkpoint_every_steps (and after each evaluation, and at the end):
-                             save state + data-iterator state (+ metrics)
+    every checkpoint_every_steps (and after each evaluation, every checkpoint_every_minutes,
+    and at the end):         save state + data-iterator state (+ metrics)
+    on SIGTERM / SIGINT:     save this step and return (``training.preemption``; every process
+                             stops after the same step)
 
 Restart: if ``WORKDIR/checkpoints`` has a finished step, the state, the data iterator and the
 metrics log are brought back to it and the run continues; because the step key is
 ``fold_in(key, step)`` and the iterator is restored, the continued run computes exactly what the
-uninterrupted run would have.
+uninterrupted run would have. A run stopped by a signal at an evaluation step saves before
+evaluating (so it exits within seconds) and evaluates first thing when resumed.
 
 ``WORKDIR`` after a run::
 
@@ -30,6 +33,7 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -51,11 +55,15 @@ from rep_medsam_jax.training.checkpoint import (Checkpointer, load_checkpoint_va
 from rep_medsam_jax.training.config import (ConfigError, TrainConfig, init_source_kind,
                                             resolve_model_config, validate)
 from rep_medsam_jax.training.logger import MetricWriter, plot_learning_curves
+from rep_medsam_jax.training.preemption import HostAgreement, StopSignals
 from rep_medsam_jax.training.steps import (StepOptions, Teacher, TrainState, create_train_state,
                                            finalize_eval, jit_steps)
 
 _LOG = logging.getLogger(__name__)
-BATCH_KEYS = ("image", "mask", "box", "teacher_embedding")
+# What crosses to the device: uint8 images with their valid region and the colour jitter drawn
+# on the host (the step finishes the images, see input_pipeline.device_augment).
+BATCH_KEYS = ("image", "image_region", "jitter_order", "jitter_factors", "mask", "box",
+              "teacher_embedding")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +117,8 @@ def augment_config(config: TrainConfig):
 
 
 def make_loaders(config: TrainConfig, dataset_dir: Path, per_process_batch: int):
-    """(train loader, a function making a fresh one-pass evaluation iterator, train size)."""
+    """(train loader, a function making a fresh one-pass evaluation iterator, train size,
+    evaluation size). Every process reads its rows of the same global batches."""
     from input_pipeline.loader import ExampleSource, make_loader  # noqa: PLC0415
 
     data = config.data
@@ -118,10 +127,12 @@ def make_loaders(config: TrainConfig, dataset_dir: Path, per_process_batch: int)
         cache = None
     common = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                   worker_count=data.worker_count)
+    common["device_images"] = True
     train = make_loader(dataset_dir, data.train_split, batch_size=per_process_batch,
                         seed=data.seed, augment=augment_config(config), shuffle=True,
                         num_epochs=None, teacher_cache_dir=cache, **common)
     train_size = len(ExampleSource(dataset_dir, data.train_split))
+    eval_size = len(ExampleSource(dataset_dir, data.eval_split))
     eval_cache = data.eval_teacher_cache_dir or None if config.stage == "distill" else None
 
     def eval_iterator() -> Iterator[dict]:
@@ -130,7 +141,23 @@ def make_loaders(config: TrainConfig, dataset_dir: Path, per_process_batch: int)
                              drop_remainder=False, teacher_cache_dir=eval_cache, **common)
         return iter(loader)
 
-    return train, eval_iterator, train_size
+    return train, eval_iterator, train_size, eval_size
+
+
+def prefetch_to_device(iterator: Iterator[dict], mesh) -> Iterator[tuple[dict, Any]]:
+    """(device batch, the data iterator's state after it), with the next batch already on its
+    way to the device while the current step runs. The state is what a checkpoint taken after
+    that batch's step must hold, whatever has been read ahead."""
+    ahead: collections.deque = collections.deque()
+
+    def fetch() -> None:
+        batch = select_batch(next(iterator))
+        ahead.append((sharding_lib.shard_batch(batch, mesh), iterator.get_state()))
+
+    fetch()
+    while True:
+        fetch()
+        yield ahead.popleft()
 
 
 def select_batch(batch: dict, per_process_batch: int | None = None) -> dict[str, np.ndarray]:
@@ -234,6 +261,7 @@ class RunSummary:
     last_eval: dict[str, float]
     model_dir: Path | None
     seconds: float
+    stopped_by: str | None = None      # the signal that stopped the run early (e.g. "SIGTERM")
 
 
 def _schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]:
@@ -245,12 +273,29 @@ def _schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]
 
 def evaluate(steps, state: TrainState, eval_iterator: Callable[[], Iterator[dict]],
              mesh, per_process_batch: int, options: StepOptions, stage: str,
-             max_batches: int = 0) -> dict[str, float]:
-    """One pass over the evaluation split -> {"val/<metric>": mean}."""
+             max_batches: int = 0, num_batches: int | None = None) -> dict[str, float]:
+    """One pass over the evaluation split -> {"val/<metric>": mean}.
+
+    num_batches: the global batch count (all processes must run the same number of steps); a
+    process whose rows of the last global batch are missing feeds a zero-weight batch.
+    """
     totals: dict[str, float] = {}
-    for number, batch in enumerate(eval_iterator()):
+    iterator = eval_iterator()
+    template = None
+    number = 0
+    while num_batches is None or number < num_batches:
         if max_batches and number >= max_batches:
             break
+        batch = next(iterator, None)
+        if batch is None:
+            if num_batches is None:
+                break
+            if template is None:
+                raise ConfigError("this process has no validation example: the validation "
+                                  "split is smaller than the processes' share of one batch")
+            batch = {k: v[:0] for k, v in template.items()}
+        template = batch
+        number += 1
         device_batch = sharding_lib.shard_batch(select_batch(batch, per_process_batch), mesh)
         sums = sharding_lib.to_host(steps.evaluate(state, device_batch))
         for key, value in sums.items():
@@ -262,13 +307,24 @@ def evaluate(steps, state: TrainState, eval_iterator: Callable[[], Iterator[dict
 
 def train_and_evaluate(config: TrainConfig, workdir: str | Path, *,
                        stop_after_steps: int | None = None,
-                       log: Callable[[str], None] | None = None) -> RunSummary:
+                       log: Callable[[str], None] | None = None,
+                       clock: Callable[[], float] = time.monotonic) -> RunSummary:
     """Run (or resume) one training stage in ``workdir``.
 
     stop_after_steps: return after this many steps *in this call* without a final save, as if
     the process had been stopped there (for time-boxed jobs and the restart tests); the next
     call resumes from the last checkpoint.
+    clock: seconds, read once per step for ``checkpoint_every_minutes`` (a test passes a fake).
+    SIGTERM / SIGINT while running: the step in flight finishes, is saved, and the call returns
+    (``RunSummary.stopped_by``).
     """
+    with StopSignals() as signals:
+        return _train_and_evaluate(config, workdir, stop_after_steps, log, clock, signals)
+
+
+def _train_and_evaluate(config: TrainConfig, workdir: str | Path, stop_after_steps: int | None,
+                        log: Callable[[str], None] | None, clock: Callable[[], float],
+                        signals: StopSignals) -> RunSummary:
     started = time.time()
     workdir = Path(workdir).absolute()
     say = log or (lambda message: print(message, flush=True))
@@ -283,9 +339,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *,
     model_config = resolve_model_config(config)
     model = build_model(model_config)
     dataset_dir = prepare_dataset(config, workdir)
-    train_loader, eval_iterator, train_size = make_loaders(config, dataset_dir,
-                                                           per_process_batch)
-    steps_per_epoch = (train_size // jax.process_count()) // per_process_batch
+    train_loader, eval_iterator, train_size, eval_size = make_loaders(config, dataset_dir,
+                                                                      per_process_batch)
+    steps_per_epoch = train_size // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"the train split has {train_size} examples: fewer than one batch of "
                           f"{config.batch_size}; lower batch_size")
@@ -370,60 +426,98 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *,
         window.extend(fetched)
         pending.clear()
 
+    def run_evaluation() -> None:
+        """Evaluate, feed the plateau rule and log (at an evaluation step)."""
+        nonlocal last_eval, state
+        flush()
+        last_eval = evaluate(steps, state, eval_iterator, mesh, per_process_batch,
+                             options, config.stage, config.eval_max_batches,
+                             num_batches=-(-eval_size // config.batch_size))
+        plateau_value = last_eval.get(config.plateau_metric)
+        if plateau_value is None and train_losses:
+            # No validation loss (e.g. distillation without a validation cache): the
+            # mean training loss since the last evaluation, as the reference does.
+            plateau_value = float(np.mean(train_losses))
+        if plateau_value is not None:
+            state = state.replace(opt_state=apply_plateau(state.opt_state, plateau_value))
+        train_losses.clear()
+        writer.write(step, last_eval)
+        if primary:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "val/count")
+            progress.write(f"step {step}: {shown}")
+
+    def log_window() -> None:
+        nonlocal window_start
+        flush()
+        if not window:
+            return
+        means = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
+        means["train/lr"] = config.optim.learning_rate * means.pop("train/lr_scale")
+        elapsed = max(time.time() - window_start, 1e-9)
+        means["train/images_per_second"] = len(window) * config.batch_size / elapsed
+        writer.write(step, means)
+        progress.update(len(window))
+        progress.set_postfix(loss=f"{means['train/loss']:.4f}",
+                             img_s=f"{means['train/images_per_second']:.1f}")
+        window.clear()
+        window_start = time.time()
+
+    def save(evaluated: bool, eval_pending: bool = False) -> None:
+        flush()
+        checkpointer.save(step, state, data_state,
+                          {**meta, "train_losses_since_eval": train_losses,
+                           "eval_pending": eval_pending},
+                          metrics=last_eval if evaluated else None)
+
+    # Every process decides (stop, save now) together, see training.preemption.
+    agreement = HostAgreement(mesh, count=2)
+    save_interval = config.checkpoint_every_minutes * 60.0
+    last_save = clock()
+    stopped_by = None
+    data_state = train_iterator.get_state()          # after the last batch trained on
+    device_batches = prefetch_to_device(train_iterator, mesh)
     try:
+        if restored_meta.get("eval_pending"):
+            # The evaluation a signal postponed; its step is saved again with the metrics (and
+            # the plateau update), as the uninterrupted run saved it.
+            run_evaluation()
+            checkpointer.delete(step)
+            save(evaluated=True)
         while step < total_steps:
-            batch = sharding_lib.shard_batch(select_batch(next(train_iterator)), mesh)
+            batch, data_state = next(device_batches)
             state, metrics = steps.train(state, batch, jax.random.fold_in(base_key, step))
             step += 1
             steps_this_call += 1
             pending.append(metrics)
+            now = clock()
+            stop, time_due = agreement.exchange(
+                (signals.requested, bool(save_interval) and now - last_save >= save_interval))
+            if stop:
+                # Save the step in flight and leave; an evaluation due now runs on resume.
+                log_window()
+                save(evaluated=False, eval_pending=step % eval_every == 0 or step == total_steps)
+                stopped_by = signals.received or "a signal on another process"
+                say(f"stopped by {stopped_by} after step {step}: checkpoint saved; rerun the "
+                    "same command to resume")
+                break
             if step % config.log_every_steps == 0 or step == total_steps:
-                flush()
-                means = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
-                means["train/lr"] = config.optim.learning_rate * means.pop("train/lr_scale")
-                elapsed = max(time.time() - window_start, 1e-9)
-                means["train/images_per_second"] = len(window) * config.batch_size / elapsed
-                writer.write(step, means)
-                progress.update(len(window))
-                progress.set_postfix(loss=f"{means['train/loss']:.4f}",
-                                     img_s=f"{means['train/images_per_second']:.1f}")
-                window.clear()
-                window_start = time.time()
-
+                log_window()
             evaluated = step % eval_every == 0 or step == total_steps
             if evaluated:
-                flush()
-                last_eval = evaluate(steps, state, eval_iterator, mesh, per_process_batch,
-                                     options, config.stage, config.eval_max_batches)
-                plateau_value = last_eval.get(config.plateau_metric)
-                if plateau_value is None and train_losses:
-                    # No validation loss (e.g. distillation without a validation cache): the
-                    # mean training loss since the last evaluation, as the reference does.
-                    plateau_value = float(np.mean(train_losses))
-                if plateau_value is not None:
-                    state = state.replace(opt_state=apply_plateau(state.opt_state,
-                                                                  plateau_value))
-                train_losses.clear()
-                writer.write(step, last_eval)
-                if primary:
-                    shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
-                                      if k != "val/count")
-                    progress.write(f"step {step}: {shown}")
+                run_evaluation()
             if stop_after_steps is not None and steps_this_call >= stop_after_steps \
                     and step < total_steps:
                 break
-            if evaluated or step % checkpoint_every == 0 or step == total_steps:
-                flush()
-                checkpointer.save(step, state, train_iterator.get_state(),
-                                  {**meta, "train_losses_since_eval": train_losses},
-                                  metrics=last_eval if evaluated else None)
+            if evaluated or time_due or step % checkpoint_every == 0 or step == total_steps:
+                save(evaluated)
+                last_save = now
     finally:
         progress.close()
         checkpointer.wait()
         writer.close()
 
     model_dir = None
-    if step == total_steps:
+    if step == total_steps and stopped_by is None:
         if config.export_model:
             model_dir = export_state(state, model_config, workdir / "model",
                                      {"stage": config.stage, "step": step, "name": config.name,
@@ -435,7 +529,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *,
                                  title=f"{config.name} ({config.stage})")
     checkpointer.close()
     return RunSummary(workdir, start_step, step, total_steps, last_eval, model_dir,
-                      time.time() - started)
+                      time.time() - started, stopped_by)
 
 
 def export_state(state: TrainState, model_config: ModelConfig, out_dir: Path,

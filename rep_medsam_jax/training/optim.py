@@ -1,8 +1,8 @@
 """The optimiser: AdamW on the trainable parts, optional clipping and accumulation, and a
 learning-rate scale from ``optax.contrib.reduce_on_plateau`` driven by the validation loss.
 
-Per training step the update is (TOOLCHAIN.md: the plateau transform comes after AdamW, since it
-scales the finished updates)::
+Per training step the update is (the plateau transform comes after AdamW, since it scales the
+finished updates)::
 
     multi_transform({trainable: clip -> adamw, frozen: set_to_zero})  ->  x plateau scale
 
@@ -19,9 +19,9 @@ PyTorch's ``ReduceLROnPlateau(patience=p)`` lowers the rate when the number of b
 PyTorch's meaning (the reference's 5) and is passed to optax as p + 1. PyTorch's default
 threshold (1e-4, relative) is optax's ``rtol``.
 
-The reference (SPEC §8.2) clips the global gradient norm at the 90th percentile of every norm
-seen so far (current step included, NumPy linear interpolation), with PyTorch's
-``clip_grad_norm_`` coefficient ``min(1, max_norm / (norm + 1e-6))``.
+The reference (the authors' ``train_one_gpu.py``) clips the global gradient norm at the 90th
+percentile of every norm seen so far (current step included, NumPy linear interpolation), with
+PyTorch's ``clip_grad_norm_`` coefficient ``min(1, max_norm / (norm + 1e-6))``.
 :func:`clip_by_history_percentile` does the same over the last ``clip_history`` steps (a ring
 buffer; the reference's history is unbounded).
 """
@@ -45,8 +45,8 @@ CLIP_MODES = ("none", "global_norm", "percentile")
 class OptimConfig:
     """AdamW, clipping, accumulation, plateau schedule and which parts train.
 
-    Defaults are the reference's fine-tuning set-up (SPEC §8.2) except the learning rate, which
-    each stage config sets.
+    Defaults are the reference's fine-tuning set-up (``train_one_gpu.py``) except the learning
+    rate, which each stage config sets.
     """
 
     learning_rate: float = 1e-4

@@ -55,7 +55,7 @@ def initialize_distributed(coordinator_address: str | None = None,
         if any(v is None for v in explicit):
             raise ValueError("a multi-process launch needs all three of the coordinator address, "
                              "the number of processes and this process's id (flags "
-                             "--coordinator/--num-processes/--process-id or "
+                             "--coordinator/--num_processes/--process_id or "
                              f"{ENV_COORDINATOR}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})")
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process id {process_id} is not in [0, {num_processes})")

@@ -1,16 +1,18 @@
 """Training and evaluation steps: pure functions of (state, batch, rng), jitted once.
 
-* :func:`distill_step` (SPEC §8.1): MSE between the student encoder's embedding and the
-  teacher's, taken from the batch (``teacher_embedding``, the cache) or computed in the same
-  step by a ViT teacher on the identically augmented image (``online``). Only the image encoder
-  runs; the heads are frozen by the optimiser (``optim.trainable``).
-* :func:`seg_step` (SPEC §8.2): image + box -> mask logits and IoU; Dice + BCE + IoU loss with
-  configurable weights.
+* :func:`distill_step` (the authors' ``distil.py``): MSE between the student encoder's
+  embedding and the teacher's, taken from the batch (``teacher_embedding``, the cache) or
+  computed in the same step by a ViT teacher on the identically augmented image (``online``).
+  Only the image encoder runs; the heads are frozen by the optimiser (``optim.trainable``).
+* :func:`seg_step` (the authors' ``train_one_gpu.py``): image + box -> mask logits and IoU;
+  Dice + BCE + IoU loss with configurable weights.
 * :func:`eval_step`: weighted sums of DSC, the segmentation loss terms and (when a teacher
   target exists) the distillation MSE; :func:`finalize_eval` turns summed batches into means.
 
 A batch is a dict (B = the global batch):
-  image (B, S, S, 3) float in [0, 1] (integers are divided by 255), mask (B, S, S) {0, 1},
+  image (B, S, S, 3) float in [0, 1], or uint8 finished in the step (:func:`batch_images`:
+  ``image_region`` (B, 4) and optionally ``jitter_order`` / ``jitter_factors`` (B, 4)),
+  mask (B, S, S) {0, 1},
   box (B, 4) [x0, y0, x1, y1] in the S frame, optionally teacher_embedding (B, g, g, C) and
   weight (B,) (0 for padding in an evaluation batch).
 
@@ -112,11 +114,12 @@ def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
 
 
 def batch_images(batch: dict, dtype: jnp.dtype) -> jax.Array:
-    """(B, S, S, 3) images in [0, 1] as ``dtype`` (uint8 inputs are divided by 255)."""
-    images = batch["image"]
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        images = images.astype(jnp.float32) / 255.0
-    return images.astype(dtype)
+    """(B, S, S, 3) images in [0, 1] as ``dtype``: float images as they come; uint8 images
+    finished here, on the device (normalised over ``image_region`` and colour-jittered when the
+    batch carries the jitter, see ``input_pipeline.device_augment``; else divided by 255)."""
+    from input_pipeline.device_augment import finish_images  # noqa: PLC0415
+
+    return finish_images(batch).astype(dtype)
 
 
 def teacher_embeddings(teacher: Teacher, teacher_variables: Any, images: jax.Array,
