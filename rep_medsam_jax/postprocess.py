@@ -1,9 +1,9 @@
 """Post-processing of decoder logits into label maps (NumPy only, no JAX).
 
-Per box (SPEC §7.1): the (256, 256) low-resolution logits are cropped to the valid
-(newh, neww) block, resized bilinearly to the original (H, W) with PyTorch's
-`interpolate(mode="bilinear", align_corners=False)` semantics (no antialiasing, also when
-shrinking), rounded as PyTorch's CPU kernel rounds, and thresholded as the reference's float32
+Per box, as in the authors' `CVPR24_LiteMedSAM_infer.py`: the (256, 256) low-resolution
+logits are cropped to the valid (newh, neww) block, resized bilinearly to the original
+(H, W) with PyTorch's `interpolate(mode="bilinear", align_corners=False)` semantics (no
+antialiasing, also when shrinking), rounded as PyTorch's CPU kernel rounds, and thresholded as the reference's float32
 ``sigmoid(x) > 0.5``, which holds exactly for x > ``SIGMOID_HALF_BOUND``. The masks are the
 reference's pixel for pixel (tests/test_reference_pipeline.py, 1536 x 2040 with 19 boxes).
 """
@@ -17,7 +17,8 @@ from typing import Sequence
 import numpy as np
 
 
-def _linear_source_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _linear_source_indices(in_size: int, out_size: int
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Neighbour indices and weight of the upper neighbour for 1-D linear resizing.
 
     PyTorch align_corners=False: src = (dst + 0.5) * in / out - 0.5, clamped at 0 from
@@ -28,7 +29,8 @@ def _linear_source_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.
     # PyTorch evaluates scale * (dst + 0.5) - 0.5 with one rounding (a fused multiply-add);
     # the float64 product of these small operands is exact, so rounding once to float32
     # afterwards reproduces it (a float32 product would round twice: 1-ulp index errors).
-    source = (np.float64(scale) * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    centres = np.arange(out_size, dtype=np.float64) + 0.5
+    source = (np.float64(scale) * centres - 0.5).astype(np.float32)
     source = np.maximum(source, np.float32(0.0))
     lower = np.minimum(source.astype(np.int64), in_size - 1)  # trunc == floor, source >= 0
     upper = np.minimum(lower + 1, in_size - 1)
@@ -201,8 +203,9 @@ def logits_to_mask(low_res_logits: np.ndarray, new_hw: tuple[int, int],
 
     Equal to ``resize_bilinear(cropped, original_hw) > SIGMOID_HALF_BOUND``, but computed only
     inside the window of each mask that can be positive (``_positive_window``), with the whole
-    image's indices and weights, so the values there are the same; an object is usually a small part of a large
-    image (19 cells on a 1536 x 2040 micrograph: 1.5 s of resizing became a few hundredths).
+    image's indices and weights, so the values there are the same; an object is usually a small
+    part of a large image (19 cells on a 1536 x 2040 micrograph: 1.5 s to resize the whole
+    masks, a few hundredths for the windows).
     """
     cropped = _crop(low_res_logits, new_hw)
     rows = _linear_source_indices(new_hw[0], original_hw[0])
