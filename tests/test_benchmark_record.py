@@ -1,14 +1,19 @@
 """benchmarks/record.py: what the benchmark scripts write under benchmarks/results/."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import record  # noqa: E402
+# Loaded from its file, not by putting benchmarks/ on sys.path: there benchmarks/input_pipeline.py
+# would shadow the input_pipeline package for every later test in this process and for the
+# grain worker processes it starts.
+_SPEC = importlib.util.spec_from_file_location(
+    "benchmark_record", Path(__file__).resolve().parents[1] / "benchmarks" / "record.py")
+record = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(record)
 
 
 def test_recorded_output_keeps_what_was_printed_after_a_header(tmp_path, capsys):

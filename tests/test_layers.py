@@ -26,7 +26,9 @@ ENTRY_SCRIPTS = ("train.py", "export.py")
 
 # Longest prefix wins: a module belongs to the layer of the most specific entry naming it.
 LAYERS: dict[str, int] = {
-    "rep_medsam_jax": 1,                     # the package root (imports nothing)
+    # The package root is its own entry (not a prefix): it imports nothing when loaded and names
+    # the interactive Segmenter lazily, on first access, as the public facade on top.
+    "rep_medsam_jax": 6,
     "rep_medsam_jax.models": 1,
     "rep_medsam_jax.losses": 1,
     "rep_medsam_jax.io": 2,
@@ -41,6 +43,7 @@ LAYERS: dict[str, int] = {
     "input_pipeline": 4,
     "rep_medsam_jax.training": 5,
     "rep_medsam_jax.export": 5,
+    "rep_medsam_jax.app": 5,
     "rep_medsam_jax.cli": 6,
     "rep_medsam_jax.demo": 6,
     "train": 6,
@@ -62,9 +65,13 @@ def module_files(root: Path = ROOT) -> dict[str, Path]:
     return modules
 
 
+ROOTS = ("rep_medsam_jax",)         # layer entries that name one module, never a prefix
+
+
 def layer_of(module: str) -> int:
     best = max((prefix for prefix in LAYERS
-                if module == prefix or module.startswith(prefix + ".")), key=len, default=None)
+                if module == prefix or (module.startswith(prefix + ".") and prefix not in ROOTS)),
+               key=len, default=None)
     if best is None:
         raise KeyError(f"{module} is in no layer: add it to LAYERS (and docs/architecture.md)")
     return LAYERS[best]
