@@ -98,6 +98,19 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def predict_encodes_one_slice_per_call(monkeypatch):
+    """predict encodes one volume slice per call, as the interactive segmenter does.
+
+    predict normally encodes 4 slices per call: onnxruntime runs such a batch over sessions with
+    fewer threads each, which moves embeddings by ~1e-6 and can flip a boundary pixel of
+    random-weight masks. With both sides one per call, the masks compared come from the same
+    embeddings."""
+    from rep_medsam_jax.predictor import cases
+
+    monkeypatch.setattr(cases, "ENCODE_CHUNK", 1)
+
+
 @pytest.fixture(scope="session")
 def tiny_export_dir(tiny_model_dir, tmp_path_factory):
     """``rep-medsam export`` of the tiny model (fp32 only)."""

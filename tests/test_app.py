@@ -28,15 +28,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 LPS_AFFINE = np.diag([-0.8, -0.8, 2.0, 1.0])
 
 
-@pytest.fixture(autouse=True)
-def predict_encodes_one_slice_per_call(monkeypatch):
-    """predict encodes a volume's slices 4 per call, the segmenter one per call: onnxruntime
-    runs a batch over sessions with fewer threads each, which moves embeddings by ~1e-6 and
-    can flip a boundary pixel of these random-weight masks. Both sides one per call, so the
-    masks compared are those of the same embeddings (what these tests are about)."""
-    from rep_medsam_jax.predictor import cases
-
-    monkeypatch.setattr(cases, "ENCODE_CHUNK", 1)
+# predict and the segmenter both encode one slice per call (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("predict_encodes_one_slice_per_call")
 
 
 @pytest.fixture(scope="module")
