@@ -18,15 +18,9 @@ from input_pipeline.loader import make_loader
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    from input_pipeline.phantoms import write_phantom_dataset
-    from input_pipeline.tfds_builder import BuildOptions, build_dataset
+    from tests.phantom_data import build_2d_phantoms
 
-    root = tmp_path_factory.mktemp("hosts")
-    cases = write_phantom_dataset(root / "phantoms", n2d=8, n3d=0, seed=0, size_2d=64,
-                                  modalities_2d=("CT", "MR", "US", "Dermoscopy"))
-    return build_dataset(cases.inputs_dir.parent, root / "tfds",
-                         BuildOptions(image_size=32, validation_fraction=0.25),
-                         log=lambda message: None).dataset_dir
+    return build_2d_phantoms(tmp_path_factory.mktemp("hosts"), n2d=8).dataset_dir
 
 
 def _batches(dataset_dir, split, hosts, count=None, **options):

@@ -38,15 +38,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A built 32 x 32 phantom dataset, a config JSON for it, and a compilation cache."""
-    from input_pipeline.phantoms import write_phantom_dataset
-    from input_pipeline.tfds_builder import BuildOptions, build_dataset
+    from tests.phantom_data import build_2d_phantoms
 
     root = tmp_path_factory.mktemp("training_loop")
-    cases = write_phantom_dataset(root / "phantoms", n2d=12, n3d=0, seed=0, size_2d=64,
-                                  modalities_2d=("CT", "MR", "US", "Dermoscopy"))
-    built = build_dataset(cases.inputs_dir.parent, root / "tfds",
-                          BuildOptions(image_size=32, validation_fraction=0.25),
-                          log=lambda message: None)
+    built = build_2d_phantoms(root, n2d=12)
     config = TrainConfig(
         name="test", stage="seg",
         model=ModelSection(preset="rep_medsam_tiny", image_size=32,

@@ -102,16 +102,11 @@ def persistent_cache(directory: Path):
 def runs(tmp_path_factory):
     """The uninterrupted run (compilations counted) and a run stopped by SIGTERM at step 2 then
     resumed, sharing a persistent compilation cache."""
-    from input_pipeline.phantoms import write_phantom_dataset
-    from input_pipeline.tfds_builder import BuildOptions, build_dataset
     from rep_medsam_jax.training.loop import train_and_evaluate
+    from tests.phantom_data import build_2d_phantoms
 
     root = tmp_path_factory.mktemp("preemption")
-    cases = write_phantom_dataset(root / "phantoms", n2d=8, n3d=0, seed=0, size_2d=64,
-                                  modalities_2d=("CT", "MR", "US", "Dermoscopy"))
-    built = build_dataset(cases.inputs_dir.parent, root / "tfds",
-                          BuildOptions(image_size=32, validation_fraction=0.25),
-                          log=lambda message: None)
+    built = build_2d_phantoms(root, n2d=8)
     config = TrainConfig(
         name="preemption", stage="seg", model=ModelSection(preset="rep_medsam_tiny",
                                                             image_size=32),
