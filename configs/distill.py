@@ -9,16 +9,16 @@ decoder.
 Before: build the dataset and the teacher cache, and convert MedSAM (docs/training.md)::
 
     python -m input_pipeline.build --source CASES --data-dir DATA
-    python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/1.0.0 \\
+    python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/2.0.0 \\
         --split train --out CACHE/train --checkpoint medsam_vit_b.pth
-    python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/1.0.0 \\
+    python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/2.0.0 \\
         --split validation --out CACHE/validation --checkpoint medsam_vit_b.pth
     rep-medsam convert --from medsam medsam_vit_b.pth --out models/medsam_vit_b
 
 Launch (one device)::
 
     python train.py --config configs/distill.py --workdir work_dirs/distill \\
-        --config.data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
+        --config.data.dataset_dir=DATA/med_sam_slices/size256/2.0.0 \\
         --config.data.teacher_cache_dir=CACHE/train \\
         --config.data.eval_teacher_cache_dir=CACHE/validation \\
         --config.model.init_from=models/medsam_vit_b

@@ -7,7 +7,7 @@ clipping and plateau rule as stage 2.
 Starts from stage 2's best checkpoint::
 
     python train.py --config configs/finetune.py --workdir work_dirs/finetune \\
-        --config.data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
+        --config.data.dataset_dir=DATA/med_sam_slices/size256/2.0.0 \\
         --config.model.init_from=work_dirs/pipeline
 
 The result, ``work_dirs/finetune/model``, is a MODEL_DIR: ``rep-medsam export`` and

@@ -8,7 +8,7 @@ reduce-on-plateau (factor 0.9, patience 5) on the validation loss, checked once 
 Starts from stage 1's best checkpoint::
 
     python train.py --config configs/pipeline.py --workdir work_dirs/pipeline \\
-        --config.data.dataset_dir=DATA/med_sam_slices/size256/1.0.0 \\
+        --config.data.dataset_dir=DATA/med_sam_slices/size256/2.0.0 \\
         --config.model.init_from=work_dirs/distill
 
 Multi-host: add ``--coordinator HOST:PORT --num_processes N --process_id I`` on every host

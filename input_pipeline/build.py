@@ -6,7 +6,7 @@
 
 Progress goes to stderr, one line per case; a skipped case is reported with its reason and the
 build goes on. Rerunning the same command resumes an interrupted build (finished cases are
-reused) and reuses a finished dataset. The dataset lands in DATA/med_sam_slices/size<S>/1.0.0;
+reused) and reuses a finished dataset. The dataset lands in DATA/med_sam_slices/size<S>/2.0.0;
 the summary names it. Exit status: 0 built, 1 nothing could be built, 2 bad arguments.
 """
 

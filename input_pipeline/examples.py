@@ -1,4 +1,4 @@
-"""One case -> its 2D training examples at S x S (S = 256), with the shared preprocessing.
+"""One case -> its 2D training slices at S x S (S = 256), with the shared preprocessing.
 
 Each axial slice with foreground (a 2D case is one slice) is turned into the student's input by
 the same functions inference uses (:mod:`rep_medsam_jax.preprocess`): repeated to three
@@ -8,11 +8,13 @@ That resized **uint8** image is stored zero-padded to S x S together with its va
 pads with zeros, which gives bit for bit what ``preprocess_image`` gives for the original slice
 (storing uint8 instead of float32 keeps the dataset four times smaller).
 
-Each object (label value k present on the slice) gives one example: the slice's label map
-resized with nearest-neighbour interpolation to (newh, neww) (as LiteMedSAM's training dataset
-does) and padded, then ``mask = labels == k``; its box is the mask's tight box. An object too
-small to survive the resize (fewer than ``min_mask_pixels`` pixels at S) is dropped and noted.
-Slices that are constant (no contrast to learn from) are skipped and noted.
+Each slice is stored **once**, with its label map resized with nearest-neighbour interpolation
+to (newh, neww) (as LiteMedSAM's training dataset does) and padded. Its objects are the label
+values present; the loader draws one of them per slice per epoch (``mask = labels == k``, box =
+the mask's tight box), as the reference training scripts do. An object too small to survive the
+resize (fewer than ``min_mask_pixels`` pixels at S) is set to background in the stored label
+map, so every value left is a usable object; a slice left without objects is dropped. Both are
+noted. Slices that are constant (no contrast to learn from) are skipped and noted.
 """
 
 from __future__ import annotations
@@ -22,23 +24,23 @@ import dataclasses
 import cv2
 import numpy as np
 
-from input_pipeline.augment import box_from_mask
 from input_pipeline.sources import TrainingCase
 from rep_medsam_jax.preprocess import (STUDENT_SIZE, normalize_minmax, pad_to_square,
                                        resize_longest_side)
 
+LABEL_DTYPE = np.uint16
+
 
 @dataclasses.dataclass(eq=False)
-class CaseExamples:
-    """The examples of one case; each slice's image is stored once, shared by its objects.
+class CaseSlices:
+    """The stored slices of one case, and the objects each holds.
 
     images: (N_slices, S, S, 3) uint8, resized slice zero-padded bottom/right.
     image_hw: (N_slices, 2) int32, the valid (newh, neww) of each image.
     slice_index: (N_slices,) int32, the slice's index in the case (0 for 2D).
-    example_slice: (N_examples,) int32, row of ``images`` each example uses.
-    masks: (N_examples, S, S) uint8 {0, 1}.
-    boxes: (N_examples, 4) int32 [x_min, y_min, x_max, y_max] inclusive, in the S frame.
-    labels: (N_examples,) int32, the object's label value in the case's label map.
+    label_maps: (N_slices, S, S) uint16, resized label map (0 = background and padding).
+    object_slice: (N_objects,) int32, row of ``images`` holding each object.
+    object_label: (N_objects,) int32, the object's value in its slice's label map.
     notes: what was dropped and why (human-readable).
     """
 
@@ -47,15 +49,18 @@ class CaseExamples:
     images: np.ndarray
     image_hw: np.ndarray
     slice_index: np.ndarray
-    example_slice: np.ndarray
-    masks: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
+    label_maps: np.ndarray
+    object_slice: np.ndarray
+    object_label: np.ndarray
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
-    def num_examples(self) -> int:
-        return int(self.labels.shape[0])
+    def num_slices(self) -> int:
+        return int(self.slice_index.shape[0])
+
+    @property
+    def num_objects(self) -> int:
+        return int(self.object_label.shape[0])
 
 
 def resize_labels(labels: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
@@ -64,11 +69,17 @@ def resize_labels(labels: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(labels, (neww, newh), interpolation=cv2.INTER_NEAREST)
 
 
-def make_case_examples(case: TrainingCase, size: int = STUDENT_SIZE,
-                       min_mask_pixels: int = 1) -> CaseExamples:
-    """All per-slice, per-object examples of ``case`` (see the module docstring)."""
-    images, image_hw, slice_index = [], [], []
-    example_slice, masks, boxes, labels = [], [], [], []
+def slice_objects(label_map: np.ndarray) -> np.ndarray:
+    """(S, S) stored label map -> its object values (the nonzero values present), ascending."""
+    values = np.unique(label_map)
+    return values[values > 0]
+
+
+def make_case_slices(case: TrainingCase, size: int = STUDENT_SIZE,
+                     min_mask_pixels: int = 1) -> CaseSlices:
+    """Every usable slice of ``case`` with its objects (see the module docstring)."""
+    images, image_hw, slice_index, label_maps = [], [], [], []
+    object_slice, object_label = [], []
     notes: list[str] = []
     constant_slices, vanished = [], []
     for index in case.foreground_slices():
@@ -78,39 +89,38 @@ def make_case_examples(case: TrainingCase, size: int = STUDENT_SIZE,
             continue
         resized = resize_longest_side(rgb, size)
         new_hw = resized.shape[:2]
-        small_labels = pad_to_square(resize_labels(slice_labels, new_hw), size)
+        small = pad_to_square(resize_labels(slice_labels.astype(LABEL_DTYPE), new_hw), size)
         present = np.unique(slice_labels)
-        row = len(images)
-        kept = 0
+        kept = []
         for value in present[present > 0]:
-            mask = (small_labels == value).astype(np.uint8)
-            if int(mask.sum()) < min_mask_pixels:
+            if int(np.count_nonzero(small == value)) < min_mask_pixels:
                 vanished.append((int(index), int(value)))
-                continue
-            example_slice.append(row)
-            masks.append(mask)
-            boxes.append(box_from_mask(mask))
-            labels.append(int(value))
-            kept += 1
-        if kept:
-            images.append(pad_to_square(resized, size))
-            image_hw.append(new_hw)
-            slice_index.append(int(index))
+                small[small == value] = 0
+            else:
+                kept.append(int(value))
+        if not kept:
+            continue
+        row = len(images)
+        object_slice.extend([row] * len(kept))
+        object_label.extend(kept)
+        images.append(pad_to_square(resized, size))
+        image_hw.append(new_hw)
+        slice_index.append(int(index))
+        label_maps.append(small)
     if constant_slices:
         notes.append(f"skipped {len(constant_slices)} constant slice(s) with labels: "
                      f"{_short_list(constant_slices)}")
     if vanished:
         notes.append(f"dropped {len(vanished)} object(s) smaller than {min_mask_pixels} pixel(s)"
                      f" at {size}x{size} as (slice, label): {_short_list(vanished)}")
-    return CaseExamples(
+    return CaseSlices(
         case_id=case.case_id, modality=case.modality,
         images=np.asarray(images, np.uint8).reshape(-1, size, size, 3),
         image_hw=np.asarray(image_hw, np.int32).reshape(-1, 2),
         slice_index=np.asarray(slice_index, np.int32),
-        example_slice=np.asarray(example_slice, np.int32),
-        masks=np.asarray(masks, np.uint8).reshape(-1, size, size),
-        boxes=np.asarray(boxes, np.int32).reshape(-1, 4),
-        labels=np.asarray(labels, np.int32),
+        label_maps=np.asarray(label_maps, LABEL_DTYPE).reshape(-1, size, size),
+        object_slice=np.asarray(object_slice, np.int32),
+        object_label=np.asarray(object_label, np.int32),
         notes=notes)
 
 

@@ -10,9 +10,17 @@
     iterator = iter(make_loader(...same arguments...))
     iterator.set_state(state)         # continues with the next unseen batch
 
+What an epoch is. The dataset stores one record per slice with its label map. With
+``sampling="slice"`` (the default, as the reference training scripts do) an epoch is one pass
+over the slices in a seeded random order, and each time a slice comes up one of its objects is
+drawn uniformly at random: every slice once per epoch, whatever its number of objects. With
+``sampling="object"`` an epoch is one pass over every (slice, object) pair, so slices with
+many objects weigh more (used for evaluation: every object scored once).
+
 Determinism: the order is a seeded permutation per epoch (grain ``IndexSampler``) and each
-example's augmentation draws from a generator seeded by (seed, position in the stream), so
-a run is reproduced exactly by the same arguments; the batches do depend on ``worker_count``
+example's object draw and augmentation come from a generator seeded by (seed, position in the
+stream), so a run is reproduced exactly by the same arguments, and a restored iterator state
+continues with the same draws; the batches do depend on ``worker_count``
 (each worker batches its own share), so keep it fixed across a restart.
 
 Per-host sharding: every host walks the same seeded stream of global batches (the stream one
@@ -34,26 +42,38 @@ from typing import Any
 import grain
 import numpy as np
 
-from input_pipeline.augment import NO_AUGMENT, AugmentConfig, augment_example
-from input_pipeline.examples import student_image
+from input_pipeline.augment import NO_AUGMENT, AugmentConfig, augment_example, box_from_mask
+from input_pipeline.examples import slice_objects, student_image
 from input_pipeline.grain_workers import allow_worker_processes
-from input_pipeline.tfds_builder import open_split
+from input_pipeline.tfds_builder import open_split, read_record_index
+
+SAMPLINGS = ("slice", "object")
 
 
 class ExampleSource:
-    """grain random-access source: a split of the built dataset, with each record's index and,
-    when a teacher cache is given, its teacher embedding.
+    """grain random-access source over a split of the built dataset.
 
-    ``source[i]`` -> the tfds record plus ``index`` (int64) and ``teacher_embedding``
-    ((g, g, C) in the cache's storage dtype). Picklable (grain sends it to worker processes).
+    sampling "slice": ``source[i]`` is record i (a slice) with ``index`` = i and ``label`` = 0
+    (the object is drawn later, :class:`ChooseObject`). sampling "object": item i is the i-th
+    (slice, object) pair of the record index, with ``label`` set to that object's value.
+    With a teacher cache, ``teacher_embedding`` ((g, g, C) in the cache's storage dtype) is the
+    record's. Picklable (grain sends it to worker processes).
     """
 
     def __init__(self, dataset_dir: str | Path, split: str,
-                 teacher_cache_dir: str | Path | None = None):
+                 teacher_cache_dir: str | Path | None = None, sampling: str = "slice"):
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         self.dataset_dir = str(dataset_dir)
         self.split = split
+        self.sampling = sampling
         self.teacher_cache_dir = str(teacher_cache_dir) if teacher_cache_dir else None
         self._records = open_split(self.dataset_dir, split)
+        self._object_record = self._object_label = None
+        if sampling == "object":
+            index = read_record_index(self.dataset_dir, split)
+            self._object_record = index["object_record"]
+            self._object_label = index["object_label"]
         self._teacher = None
         if self.teacher_cache_dir:
             from input_pipeline.teacher_cache import TeacherCache  # noqa: PLC0415
@@ -62,11 +82,18 @@ class ExampleSource:
             self._teacher.check_matches(self.dataset_dir, split, len(self._records))
 
     def __len__(self) -> int:
+        if self._object_record is not None:
+            return int(self._object_record.shape[0])
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        label = 0
+        if self._object_record is not None:
+            label = int(self._object_label[index])
+            index = int(self._object_record[index])
         record = dict(self._records[index])
         record["index"] = np.int64(index)
+        record["label"] = np.int32(label)
         if self._teacher is not None:
             record["teacher_embedding"] = self._teacher[index]
         return record
@@ -77,27 +104,49 @@ class ExampleSource:
         # dataset moved to another folder or mount (another host, a copied run) must resume.
         name = "/".join(Path(self.dataset_dir).parts[-3:])
         return (f"ExampleSource(dataset={name!r}, split={self.split!r}, "
-                f"records={len(self._records)}, teacher_cache={self._teacher is not None})")
+                f"records={len(self._records)}, sampling={self.sampling!r}, "
+                f"teacher_cache={self._teacher is not None})")
+
+
+def choose_object(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Draw one of the slice's objects uniformly (``label``), as the reference scripts do."""
+    objects = slice_objects(np.asarray(record["labels"]))
+    if objects.size == 0:       # the builder keeps only slices with objects
+        raise ValueError(f"record {int(record['index'])} of {record['case_id']!r} has no object")
+    return dict(record, label=np.int32(objects[rng.integers(objects.size)]))
+
+
+class ChooseObject(grain.transforms.RandomMap):
+    """:func:`choose_object` with grain's per-element seeded generator."""
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        return choose_object(element, rng)
 
 
 def prepare_example(record: dict[str, Any], device_images: bool = False) -> dict[str, Any]:
-    """A stored record -> the model's view (before augmentation).
+    """A stored record with its chosen object ``label`` -> the model's view (before
+    augmentation).
 
-    image (S, S, 3) float32 in [0, 1] (``examples.student_image``), mask (S, S) uint8,
-    box (4,) int32, image_hw (2,) int32, label / slice_index int32, index int64,
-    case_id / modality bytes, teacher_embedding when present. device_images: the image stays
+    image (S, S, 3) float32 in [0, 1] (``examples.student_image``), mask (S, S) uint8
+    (``labels == label``), box (4,) int32 (its tight box), image_hw (2,) int32, label /
+    slice_index int32, index int64 (the record), case_id / modality bytes, teacher_embedding
+    when present. The label map itself is not passed on. device_images: the image stays
     the stored uint8, with ``image_region`` (4,) int32 [0, 0, newh, neww) for the device to
     normalise (``device_augment.finish_images``).
     """
-    example = dict(record)
+    example = {k: v for k, v in record.items() if k not in ("labels", "num_objects")}
+    mask = (np.asarray(record["labels"]) == int(record["label"])).astype(np.uint8)
+    if not mask.any():
+        raise ValueError(f"record {int(record['index'])} of {record['case_id']!r} has no "
+                         f"object {int(record['label'])}")
     if device_images:
         example["image"] = np.asarray(record["image"], np.uint8)
         height, width = (int(v) for v in record["image_hw"])
         example["image_region"] = np.array([0, 0, height, width], np.int32)
     else:
         example["image"] = student_image(record["image"], record["image_hw"])
-    example["mask"] = np.asarray(record["mask"], np.uint8)
-    example["box"] = np.asarray(record["box"], np.int32)
+    example["mask"] = mask
+    example["box"] = box_from_mask(mask).astype(np.int32)
     example["label"] = np.int32(record["label"])
     example["slice_index"] = np.int32(record["slice_index"])
     return example
@@ -173,9 +222,11 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
                 worker_buffer_size: int = 2, process_index: int = 0, process_count: int = 1,
                 drop_remainder: bool = True, read_threads: int = 4, read_buffer: int = 32,
                 teacher_cache_dir: str | Path | None = None,
-                device_images: bool = False) -> grain.DataLoader:
+                device_images: bool = False, sampling: str = "slice") -> grain.DataLoader:
     """The grain DataLoader of one split (see the module docstring).
 
+    sampling: "slice" (one pass over slices per epoch, one object drawn per slice) or "object"
+    (one pass over every object).
     augment: None for no augmentation (evaluation); num_epochs None repeats forever.
     read_threads / read_buffer: reading threads and records read ahead, per process. grain's
     defaults (16, 500) suit 1-10 KiB records; ours are ~260 KiB and the decode is CPU-bound.
@@ -185,7 +236,7 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    source = ExampleSource(dataset_dir, split, teacher_cache_dir)
+    source = ExampleSource(dataset_dir, split, teacher_cache_dir, sampling)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
         shard_options=grain.sharding.ShardOptions(shard_index=0, shard_count=1,
@@ -194,7 +245,8 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
     if process_count > 1:
         sampler = ProcessSliceSampler(sampler, process_index, process_count, batch_size,
                                       drop_remainder)
-    operations: list[Any] = [PrepareExample(device_images)]
+    operations: list[Any] = [ChooseObject()] if sampling == "slice" else []
+    operations.append(PrepareExample(device_images))
     if augment is not None and augment != NO_AUGMENT:
         operations.append(Augment(augment, device_images))
     operations.append(grain.transforms.Batch(batch_size=batch_size,

@@ -1,6 +1,6 @@
 """Teacher-embedding cache for distillation: MedSAM ViT-B over a built dataset, stored once.
 
-    python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/1.0.0 \\
+    python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/2.0.0 \\
         --split train --out CACHE --checkpoint medsam_vit_b.pth [--dtype float16] [--batch-size 16]
 
 What is computed. Examples are per object, but every object of a slice shares the slice's
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m input_pipeline.teacher_cache",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset-dir", required=True,
-                        help="the built dataset (DATA_DIR/med_sam_slices/size256/1.0.0)")
+                        help="the built dataset (DATA_DIR/med_sam_slices/size256/2.0.0)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--out", required=True, help="cache folder (created; resumed if present)")
     weights = parser.add_mutually_exclusive_group(required=True)

@@ -5,22 +5,26 @@ Reading the result needs no TensorFlow: the files are ``array_record`` and every
 TensorFlow). Read with ``tfds.builder_from_directory(dataset_dir).as_data_source(split)``
 (random access) or through :mod:`input_pipeline.loader`.
 
-Example features (S = ``image_size``, 256 by default):
+Record features, one record per slice (S = ``image_size``, 256 by default):
 
 =============== ================ ==========================================================
 image           (S, S, 3) uint8  the slice resized (longest side S, INTER_AREA), zero-padded
 image_hw        (2,) int32       its valid (newh, neww); see ``examples.student_image``
-mask            (S, S) uint8     one object, {0, 1} (zlib-compressed on disk)
-box             (4,) int32       tight [x_min, y_min, x_max, y_max] of ``mask`` (inclusive)
-label           int32            the object's value in the case's label map
+labels          (S, S) uint16    its label map, nearest-neighbour resized, zero-padded
+                                 (zlib-compressed on disk); every nonzero value is an object
+num_objects     int32            how many objects ``labels`` holds
 slice_index     int32            axial slice index in the case (0 for 2D cases)
 case_id         text             the case's file name without extension
 modality        text             from the name (``3DBox_CT_x`` -> ``CT``) or NIfTI metadata
 =============== ================ ==========================================================
 
-Records are stored in a fixed order (cases sorted by id, then slices, then objects): shuffling
-happens at read time (grain), and a fixed order lets the teacher cache find every record's slice
-without reading the images (``records-<split>.npz``, written next to the dataset).
+The loader turns a record into a training example by choosing one object (``mask = labels ==
+k`` and its tight box): one drawn per slice per epoch by default, or every object once.
+
+Records are stored in a fixed order (cases sorted by id, then slices): shuffling happens at read
+time (grain), and a fixed order lets the loader and the teacher cache find every record's case,
+slice and objects without reading the images (``records-<split>.npz``, written next to the
+dataset).
 
 Building runs in two stages, so that it is resumable and a bad case is never fatal:
 
@@ -54,12 +58,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from input_pipeline.examples import CaseExamples, make_case_examples
+from input_pipeline.examples import CaseSlices, make_case_slices
 from input_pipeline.sources import CaseSource, discover_sources, read_training_case
 from rep_medsam_jax.io import CaseError, atomic_write, write_text_atomic
 
 DATASET_NAME = "med_sam_slices"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 SPLITS = ("train", "validation")
 _LOG = logging.getLogger(__name__)
 
@@ -99,7 +103,7 @@ class CaseReport:
     source: str
     status: str
     slices: int = 0
-    examples: int = 0
+    objects: int = 0
     error_type: str | None = None
     message: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -112,11 +116,13 @@ class CaseReport:
 
 @dataclasses.dataclass
 class BuildResult:
-    """dataset_dir: the tfds version folder; split_sizes: examples per split."""
+    """dataset_dir: the tfds version folder; split_sizes: records (slices) per split;
+    object_counts: objects per split."""
 
     dataset_dir: Path
     reports: list[CaseReport]
     split_sizes: dict[str, int]
+    object_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     reused_existing: bool = False
 
     @property
@@ -134,15 +140,15 @@ def _case_fingerprint(source: CaseSource, options: BuildOptions) -> str:
     return json.dumps(content, sort_keys=True, default=str)
 
 
-def save_case_examples(path: Path, examples: CaseExamples, fingerprint: str) -> None:
-    """Write one case's examples atomically (no half-written file survives a kill)."""
-    meta = {"fingerprint": fingerprint, "case_id": examples.case_id,
-            "modality": examples.modality, "notes": examples.notes}
+def save_case_slices(path: Path, slices: CaseSlices, fingerprint: str) -> None:
+    """Write one case's slices atomically (no half-written file survives a kill)."""
+    meta = {"fingerprint": fingerprint, "case_id": slices.case_id,
+            "modality": slices.modality, "notes": slices.notes}
     with atomic_write(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, meta=np.array(json.dumps(meta)), images=examples.images,
-                            image_hw=examples.image_hw, slice_index=examples.slice_index,
-                            example_slice=examples.example_slice, masks=examples.masks,
-                            boxes=examples.boxes, labels=examples.labels)
+        np.savez_compressed(handle, meta=np.array(json.dumps(meta)), images=slices.images,
+                            image_hw=slices.image_hw, slice_index=slices.slice_index,
+                            label_maps=slices.label_maps, object_slice=slices.object_slice,
+                            object_label=slices.object_label)
 
 
 def _read_meta(path: Path) -> dict[str, Any] | None:
@@ -153,15 +159,14 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def load_case_examples(path: Path) -> CaseExamples:
+def load_case_slices(path: Path) -> CaseSlices:
     with np.load(path, allow_pickle=False) as archive:
         meta = json.loads(str(archive["meta"]))
-        return CaseExamples(case_id=meta["case_id"], modality=meta["modality"],
-                            images=archive["images"], image_hw=archive["image_hw"],
-                            slice_index=archive["slice_index"],
-                            example_slice=archive["example_slice"], masks=archive["masks"],
-                            boxes=archive["boxes"], labels=archive["labels"],
-                            notes=meta["notes"])
+        return CaseSlices(case_id=meta["case_id"], modality=meta["modality"],
+                          images=archive["images"], image_hw=archive["image_hw"],
+                          slice_index=archive["slice_index"], label_maps=archive["label_maps"],
+                          object_slice=archive["object_slice"],
+                          object_label=archive["object_label"], notes=meta["notes"])
 
 
 def prepare_cases(sources: list[CaseSource], work_dir: Path, options: BuildOptions, *,
@@ -180,7 +185,7 @@ def prepare_cases(sources: list[CaseSource], work_dir: Path, options: BuildOptio
             with np.load(path, allow_pickle=False) as archive:
                 report = CaseReport(source.case_id, str(source.image_path), "reused",
                                     slices=int(archive["slice_index"].shape[0]),
-                                    examples=int(archive["labels"].shape[0]),
+                                    objects=int(archive["object_label"].shape[0]),
                                     notes=meta["notes"])
         else:
             report = _build_case(source, path, fingerprint, options)
@@ -201,20 +206,19 @@ def _build_case(source: CaseSource, path: Path, fingerprint: str,
 
     try:
         case = read_training_case(source)
-        examples = make_case_examples(case, options.image_size, options.min_mask_pixels)
+        slices = make_case_slices(case, options.image_size, options.min_mask_pixels)
     except CaseError as err:
         return skipped(type(err).__name__, str(err))
     except Exception as err:        # never lose a long build to one odd file; say what it was
         _LOG.debug("unexpected error in %s:\n%s", source.image_path, traceback.format_exc())
         return skipped(type(err).__name__, f"{source.image_path}: unexpected error: {err}")
-    if examples.num_examples == 0:
+    if slices.num_objects == 0:
         return skipped("NoExamplesError", f"{source.image_path}: no object survived the resize "
                        f"to {options.image_size}x{options.image_size}; "
-                       + "; ".join(examples.notes))
-    save_case_examples(path, examples, fingerprint)
+                       + "; ".join(slices.notes))
+    save_case_slices(path, slices, fingerprint)
     return CaseReport(source.case_id, str(source.image_path), "built",
-                      slices=int(examples.slice_index.shape[0]),
-                      examples=examples.num_examples, notes=examples.notes)
+                      slices=slices.num_slices, objects=slices.num_objects, notes=slices.notes)
 
 
 def _progress_line(number: int, total: int, report: CaseReport) -> str:
@@ -222,7 +226,7 @@ def _progress_line(number: int, total: int, report: CaseReport) -> str:
     if not report.ok:
         return head + f"SKIPPED ({report.error_type}) {report.message}"
     notes = f"; {'; '.join(report.notes)}" if report.notes else ""
-    return (head + f"{report.status}, {report.slices} slice(s), {report.examples} example(s) "
+    return (head + f"{report.status}, {report.slices} slice(s), {report.objects} object(s) "
             f"({report.seconds:.2f} s){notes}")
 
 
@@ -259,14 +263,15 @@ def config_for_size(image_size: int) -> MedSamSlicesConfig:
 
 
 class MedSamSlices(tfds.core.GeneratorBasedBuilder):
-    """Per-slice, per-object training examples from challenge npz and NIfTI cases.
+    """Per-slice training records (image + label map) from challenge npz and NIfTI cases.
 
     The case folder is the tfds "manual dir" (``DownloadConfig(manual_dir=...)``); prefer
     :func:`build_dataset`, which also writes the record index and the build report.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Per-slice, per-object examples, split by case."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Per-slice, per-object examples, split by case.",
+                     "2.0.0": "One record per slice with its label map, split by case."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Pass the folder of cases as manual_dir: challenge .npz files (ROOT/*.npz or "
         "ROOT/inputs/*.npz, ground truth inside or in ROOT/gts/) and/or NIfTI pairs "
@@ -302,14 +307,13 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
         tensor, scalar = tfds.features.Tensor, tfds.features.Scalar
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Rep-MedSAM training examples: one object of one slice per example.",
+            description="Rep-MedSAM training slices: one slice and its label map per record.",
             features=tfds.features.FeaturesDict({
                 "image": tensor(shape=(size, size, 3), dtype=np.uint8),
                 "image_hw": tensor(shape=(2,), dtype=np.int32),
-                "mask": tensor(shape=(size, size), dtype=np.uint8,
-                               encoding=tfds.features.Encoding.ZLIB),
-                "box": tensor(shape=(4,), dtype=np.int32),
-                "label": scalar(dtype=np.int32),
+                "labels": tensor(shape=(size, size), dtype=np.uint16,
+                                 encoding=tfds.features.Encoding.ZLIB),
+                "num_objects": scalar(dtype=np.int32),
                 "slice_index": scalar(dtype=np.int32),
                 "case_id": tfds.features.Text(),
                 "modality": tfds.features.Text(),
@@ -338,27 +342,10 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, case_ids: list[str]
                            ) -> Iterator[tuple[str, dict[str, Any]]]:
-        index = self.record_index[split] = {"case_ids": list(case_ids), "case": [],
-                                            "slice_index": [], "label": []}
+        index = self.record_index[split] = new_record_index(case_ids)
         for case_number, case_id in enumerate(case_ids):
-            examples = load_case_examples(self.work_dir / "cases" / f"{case_id}.npz")
-            for e in range(examples.num_examples):
-                row = int(examples.example_slice[e])
-                slice_index = int(examples.slice_index[row])
-                label = int(examples.labels[e])
-                index["case"].append(case_number)
-                index["slice_index"].append(slice_index)
-                index["label"].append(label)
-                yield f"{case_id}/{slice_index:05d}/{label:05d}", {
-                    "image": examples.images[row],
-                    "image_hw": examples.image_hw[row],
-                    "mask": examples.masks[e],
-                    "box": examples.boxes[e],
-                    "label": label,
-                    "slice_index": slice_index,
-                    "case_id": case_id,
-                    "modality": examples.modality,
-                }
+            slices = load_case_slices(self.work_dir / "cases" / f"{case_id}.npz")
+            yield from case_records(slices, case_number, index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,19 +356,52 @@ def records_path(dataset_dir: str | Path, split: str) -> Path:
     return Path(dataset_dir) / f"records-{split}.npz"
 
 
+def new_record_index(case_ids: list[str]) -> dict[str, list]:
+    """An empty record index of a split made of ``case_ids`` (in storage order)."""
+    return {"case_ids": list(case_ids), "case_modality": [], "case": [], "slice_index": [],
+            "object_record": [], "object_label": []}
+
+
+def case_records(slices: CaseSlices, case_number: int, index: dict[str, list]
+                 ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The (key, record) pairs of one case in storage order, appended to ``index`` as they go."""
+    index["case_modality"].append(slices.modality)
+    counts = np.bincount(slices.object_slice, minlength=slices.num_slices)
+    for row in range(slices.num_slices):
+        record = len(index["case"])
+        slice_index = int(slices.slice_index[row])
+        labels = slices.object_label[slices.object_slice == row]
+        index["case"].append(case_number)
+        index["slice_index"].append(slice_index)
+        index["object_record"].extend([record] * len(labels))
+        index["object_label"].extend(int(v) for v in labels)
+        yield f"{slices.case_id}/{slice_index:05d}", {
+            "image": slices.images[row],
+            "image_hw": slices.image_hw[row],
+            "labels": slices.label_maps[row],
+            "num_objects": int(counts[row]),
+            "slice_index": slice_index,
+            "case_id": slices.case_id,
+            "modality": slices.modality,
+        }
+
+
 def write_record_index(dataset_dir: Path, split: str, index: dict[str, list]) -> None:
-    """``records-<split>.npz``: per record (in storage order) its case number, slice and label,
-    plus the case ids (``case_ids[case]``)."""
+    """``records-<split>.npz``: per record (in storage order) its case number and slice; per
+    case its id and modality; per object (records in order, labels ascending) its record and
+    label value."""
     with atomic_write(records_path(dataset_dir, split)) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, case_ids=np.array(index["case_ids"], dtype=str),
+                 case_modality=np.array(index["case_modality"], dtype=str),
                  case=np.asarray(index["case"], np.int32),
                  slice_index=np.asarray(index["slice_index"], np.int32),
-                 label=np.asarray(index["label"], np.int32))
+                 object_record=np.asarray(index["object_record"], np.int64),
+                 object_label=np.asarray(index["object_label"], np.int32))
 
 
 def read_record_index(dataset_dir: str | Path, split: str) -> dict[str, np.ndarray]:
-    """The arrays of :func:`write_record_index` (``case_ids``, ``case``, ``slice_index``,
-    ``label``)."""
+    """The arrays of :func:`write_record_index` (``case_ids``, ``case_modality``, ``case``,
+    ``slice_index``, ``object_record``, ``object_label``)."""
     with np.load(records_path(dataset_dir, split), allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
 
@@ -421,7 +441,8 @@ def build_dataset(source_dir: str | Path, data_dir: str | Path,
         report = json.loads((dataset_dir / "build_report.json").read_text())
         log(f"dataset already built at {dataset_dir}; reusing it")
         return BuildResult(dataset_dir, [CaseReport(**r) for r in report["cases"]],
-                           report["split_sizes"], reused_existing=True)
+                           report["split_sizes"], report.get("object_counts", {}),
+                           reused_existing=True)
 
     _remove_stale_incomplete_dirs(dataset_dir)
     modes = tfds.download.GenerateMode
@@ -430,11 +451,12 @@ def build_dataset(source_dir: str | Path, data_dir: str | Path,
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(source_dir), download_mode=mode, try_download_gcs=False))
 
-    split_sizes = {}
+    split_sizes, object_counts = {}, {}
     for split, index in builder.record_index.items():
         write_record_index(dataset_dir, split, index)
         split_sizes[split] = len(index["case"])
-    document = {"split_sizes": split_sizes,
+        object_counts[split] = len(index["object_label"])
+    document = {"split_sizes": split_sizes, "object_counts": object_counts,
                 "cases": [dataclasses.asdict(r) for r in builder.reports]}
     write_text_atomic(dataset_dir / "build_report.json", json.dumps(document, indent=1))
     write_text_atomic(params_path, json.dumps({"options": options.to_json(),
@@ -442,10 +464,11 @@ def build_dataset(source_dir: str | Path, data_dir: str | Path,
                                                           builder.record_index.items()}},
                                               indent=1))
     skipped = [r for r in builder.reports if not r.ok]
-    log(f"built {dataset_dir}: " + ", ".join(f"{s} {n} examples" for s, n in split_sizes.items())
+    log(f"built {dataset_dir}: " + ", ".join(f"{s} {n} slices ({object_counts[s]} objects)"
+                                             for s, n in split_sizes.items())
         + f"; {len(skipped)} case(s) skipped" + "".join(
             f"\n  skipped {r.case_id}: {r.error_type}: {r.message}" for r in skipped))
-    return BuildResult(dataset_dir, builder.reports, split_sizes)
+    return BuildResult(dataset_dir, builder.reports, split_sizes, object_counts)
 
 
 def open_split(dataset_dir: str | Path, split: str):

@@ -35,7 +35,7 @@ def _batches(dataset_dir, split, hosts, count=None, **options):
 
 
 def test_two_hosts_train_on_the_batches_of_one(dataset_dir):
-    # 15 training examples, global batch 4: 6 batches cross an epoch boundary (and a reshuffle).
+    # 15 training slices, global batch 4: 6 batches cross an epoch boundary (and a reshuffle).
     options = dict(seed=3, augment=FINETUNE_AUGMENT, shuffle=True, num_epochs=None)
     (one,) = _batches(dataset_dir, "train", 1, count=6, **options)
     two = _batches(dataset_dir, "train", 2, count=6, **options)
@@ -46,14 +46,17 @@ def test_two_hosts_train_on_the_batches_of_one(dataset_dir):
 
 
 def test_two_hosts_evaluate_every_example_once(dataset_dir):
-    # 5 validation examples, global batch 4: host 0 gets rows 0-1 and 4, host 1 rows 2-3.
-    options = dict(shuffle=False, num_epochs=1, drop_remainder=False)
+    # 5 validation objects (evaluation reads every object), global batch 4: host 0 gets rows
+    # 0-1 and 4, host 1 rows 2-3.
+    options = dict(shuffle=False, num_epochs=1, drop_remainder=False, sampling="object")
     (one,) = _batches(dataset_dir, "validation", 1, **options)
     two = _batches(dataset_dir, "validation", 2, **options)
     assert [len(b["index"]) for b in one] == [4, 1]
     assert [[len(b["index"]) for b in host] for host in two] == [[2, 1], [2]]
-    indices = sorted(int(i) for host in two for b in host for i in b["index"])
-    assert indices == sorted(int(i) for b in one for i in b["index"]) == list(range(5))
+    pairs = sorted((int(i), int(k)) for host in two for b in host
+                   for i, k in zip(b["index"], b["label"]))
+    assert pairs == sorted((int(i), int(k)) for b in one for i, k in zip(b["index"], b["label"]))
+    assert len(set(pairs)) == 5
 
 
 def _jitter_cases():

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from input_pipeline.augment import FINETUNE_AUGMENT
-from input_pipeline.examples import student_image
-from input_pipeline.loader import make_loader, restore_iterator, save_iterator_state
+from input_pipeline.augment import box_from_mask
+from input_pipeline.examples import slice_objects, student_image
+from input_pipeline.loader import (make_loader, prepare_example, restore_iterator,
+                                   save_iterator_state)
 from input_pipeline.phantoms import MNI152_NAME, mni152_case, write_phantom_dataset
 from input_pipeline.sources import DuplicateCaseError, discover_sources
 from input_pipeline.tfds_builder import (BuildError, BuildOptions, assign_splits, build_dataset,
@@ -67,25 +69,34 @@ def built(tmp_path_factory):
 # Build and read back
 # --------------------------------------------------------------------------------------------
 
-def test_every_object_of_every_foreground_slice_is_one_example(built):
+def test_every_foreground_slice_is_one_record_holding_all_its_objects(built):
     source, result = built
     records = _all_records(result.dataset_dir)
-    found = {(r["case_id"].decode(), int(r["slice_index"]), int(r["label"]))
-             for split in records.values() for r in split}
-    expected = set()
+    slices = [(r["case_id"].decode(), int(r["slice_index"]))
+              for split in records.values() for r in split]
+    found = {(r["case_id"].decode(), int(r["slice_index"]), int(v))
+             for split in records.values() for r in split for v in slice_objects(r["labels"])}
+    expected_slices, expected = set(), set()
     for path in sorted((source / "inputs").glob("*.npz")):
         _, gts = _load_case(source, path.stem)
         volume = gts if gts.ndim == 3 else gts[None]
         for z, labels in enumerate(volume):
             expected |= {(path.stem, z, int(v)) for v in np.unique(labels) if v}
+            if labels.any():
+                expected_slices.add((path.stem, z))
+    assert len(slices) == len(set(slices)) and set(slices) == expected_slices   # each once
     assert found == expected
-    assert sum(result.split_sizes.values()) == len(expected)
+    assert all(int(r["num_objects"]) == len(slice_objects(r["labels"]))
+               for split in records.values() for r in split)
+    assert sum(result.split_sizes.values()) == len(expected_slices)
+    assert sum(result.object_counts.values()) == len(expected)
     assert not result.skipped
 
 
 def test_records_hold_the_spec_preprocessing_of_their_slice(built):
-    """image = INTER_AREA resize (longest side 256, int(x+0.5)), padded; mask = nearest resize
-    of the label == k; box = its tight box; student_image == preprocess_image(slice)."""
+    """image = INTER_AREA resize (longest side 256, int(x+0.5)), padded; labels = nearest
+    resize, padded; each object's mask = labels == k, box = its tight box; student_image ==
+    preprocess_image(slice)."""
     source, result = built
     records = [r for split in _all_records(result.dataset_dir).values() for r in split]
     for record in records[::3]:
@@ -102,11 +113,15 @@ def test_records_hold_the_spec_preprocessing_of_their_slice(built):
         assert np.array_equal(record["image"][:newh, :neww], area)
         assert not record["image"][newh:].any() and not record["image"][:, neww:].any()
         nearest = cv2.resize(labels, (neww, newh), interpolation=cv2.INTER_NEAREST)
-        expected_mask = np.zeros((256, 256), np.uint8)
-        expected_mask[:newh, :neww] = nearest == record["label"]
-        assert np.array_equal(record["mask"], expected_mask)
-        rows, cols = np.nonzero(expected_mask)
-        assert record["box"].tolist() == [cols.min(), rows.min(), cols.max(), rows.max()]
+        expected_labels = np.zeros((256, 256), np.uint16)
+        expected_labels[:newh, :neww] = nearest
+        assert np.array_equal(record["labels"], expected_labels)
+        for value in slice_objects(expected_labels):
+            example = prepare_example(dict(record, label=value, index=np.int64(0)))
+            expected_mask = (expected_labels == value).astype(np.uint8)
+            assert np.array_equal(example["mask"], expected_mask)
+            rows, cols = np.nonzero(expected_mask)
+            assert example["box"].tolist() == [cols.min(), rows.min(), cols.max(), rows.max()]
         # Training and inference turn the same slice into the same tensor, bit for bit.
         expected_image, expected_hw = preprocess_image(rgb)
         assert expected_hw == (newh, neww)
@@ -127,7 +142,10 @@ def test_splits_are_disjoint_by_case_and_the_record_index_matches(built):
         assert [index["case_ids"][c] for c in index["case"]] == [
             r["case_id"].decode() for r in rs]
         assert index["slice_index"].tolist() == [int(r["slice_index"]) for r in rs]
-        assert index["label"].tolist() == [int(r["label"]) for r in rs]
+        assert list(zip(index["object_record"].tolist(), index["object_label"].tolist())) == [
+            (i, int(v)) for i, r in enumerate(rs) for v in slice_objects(r["labels"])]
+        assert [index["case_modality"][c] for c in index["case"]] == [
+            r["modality"].decode() for r in rs]
 
 
 def test_split_assignment_is_seeded_stable_and_keeps_one_case_per_side():
@@ -185,13 +203,13 @@ def test_an_interrupted_build_resumes_without_redoing_finished_cases(built, tmp_
 
     with pytest.raises(_Interrupt):
         build_dataset(source, data_dir, OPTIONS, on_case_done=stop_after_three, log=_quiet)
-    version_dir = data_dir / "med_sam_slices" / "size256" / "1.0.0"
+    version_dir = data_dir / "med_sam_slices" / "size256" / "2.0.0"
     assert not version_dir.exists()
     cached = sorted(p.stem for p in (data_dir / "med_sam_slices_work" / "size256" / "cases")
                     .glob("*.npz"))
     assert cached == sorted(done)
     # A kill in stage 2 leaves tfds' temporary folder behind; a later build removes it.
-    stale = version_dir.parent / "incomplete.ABC123_1.0.0"
+    stale = version_dir.parent / "incomplete.ABC123_2.0.0"
     stale.mkdir(parents=True)
     (stale / "junk").write_text("half written")
 
@@ -205,7 +223,7 @@ def test_an_interrupted_build_resumes_without_redoing_finished_cases(built, tmp_
     a, b = _all_records(reference.dataset_dir), _all_records(resumed.dataset_dir)
     for split in a:
         assert [r["case_id"] for r in a[split]] == [r["case_id"] for r in b[split]]
-        assert all(np.array_equal(x["mask"], y["mask"]) for x, y in zip(a[split], b[split]))
+        assert all(np.array_equal(x["labels"], y["labels"]) for x, y in zip(a[split], b[split]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,9 +317,9 @@ def test_resize_rounds_half_up_and_only_foreground_slices_are_kept(tmp_path):
     records = _all_records_train(result.dataset_dir)
     tiny = [r for r in records if r["case_id"] == b"2DBox_Tiny_0"]
     assert len(tiny) == 1 and tuple(tiny[0]["image_hw"]) == (110, 256)
-    assert int(tiny[0]["label"]) == 3
-    volume_records = [(int(r["slice_index"]), int(r["label"])) for r in records
-                      if r["case_id"] == b"3DBox_MR_0"]
+    assert slice_objects(tiny[0]["labels"]).tolist() == [3]
+    volume_records = [(int(r["slice_index"]), int(v)) for r in records
+                      if r["case_id"] == b"3DBox_MR_0" for v in slice_objects(r["labels"])]
     assert volume_records == [(1, 1), (3, 2)]
 
 
@@ -370,7 +388,7 @@ def test_nifti_ct_pairs_use_the_window_by_hand(tmp_path):
     assert tuple(record["image_hw"]) == (256, 256)
     for channel in range(3):
         assert np.array_equal(record["image"][..., channel], expected)
-    assert record["box"].tolist() == [100, 40, 119, 59]
+    assert box_from_mask(record["labels"] == 1).tolist() == [100, 40, 119, 59]
 
 
 def test_nifti_mr_uses_percentiles_of_positive_voxels_and_keeps_zeros(tmp_path):
@@ -402,7 +420,8 @@ def test_real_anatomy_mni152_builds_into_white_and_grey_matter_examples(tmp_path
     assert {r["case_id"] for r in records} == {MNI152_NAME.encode()}
     assert {r["modality"] for r in records} == {b"MR"}
     expected = {(z, int(v)) for z, labels in enumerate(case.gts) for v in np.unique(labels) if v}
-    assert {(int(r["slice_index"]), int(r["label"])) for r in records} == expected
+    assert {(int(r["slice_index"]), int(v)) for r in records
+            for v in slice_objects(r["labels"])} == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,8 +463,57 @@ def test_loader_without_augmentation_gives_the_stored_examples_normalised(built)
         record = source[int(index)]
         assert np.array_equal(batch["image"][row],
                               student_image(record["image"], record["image_hw"]))
-        assert np.array_equal(batch["box"][row], record["box"])
+        mask = record["labels"] == batch["label"][row]
+        assert np.array_equal(batch["mask"][row], mask)
+        assert np.array_equal(batch["box"][row], box_from_mask(mask))
     assert batch["index"].tolist() == [0, 1, 2]
+
+
+def _epoch(loader) -> list[tuple[int, int]]:
+    return [(int(i), int(k)) for b in loader for i, k in zip(b["index"], b["label"])]
+
+
+def test_slice_sampling_shows_every_slice_once_per_epoch_with_one_drawn_object(built):
+    """Epoch e of a seeded stream = one pass over the slices; each slice's object is drawn
+    uniformly from its own objects, independently each epoch."""
+    _, result = built
+    source = open_split(result.dataset_dir, "train")
+    objects = [set(slice_objects(source[i]["labels"]).tolist()) for i in range(len(source))]
+    multi = [i for i, o in enumerate(objects) if len(o) > 1]
+    assert multi, "the phantoms must have slices with several objects"
+    epochs = 40
+    loader = make_loader(result.dataset_dir, "train", batch_size=1, seed=2, num_epochs=epochs,
+                         drop_remainder=False)
+    stream = _epoch(loader)
+    assert len(stream) == epochs * len(source)
+    draws = {i: [] for i in range(len(source))}
+    for e in range(epochs):
+        epoch = stream[e * len(source):(e + 1) * len(source)]
+        assert sorted(i for i, _ in epoch) == list(range(len(source)))   # every slice once
+        for i, k in epoch:
+            assert k in objects[i]
+            draws[i].append(k)
+    # Uniform: Pearson's chi-square of the draw counts against equal counts, pooled over the
+    # slices with several objects (df = sum of (n - 1)). A rule such as "always the first /
+    # the largest object" gives p ~ 0; a uniform draw fails this 1 time in 10^4.
+    from scipy.stats import chi2  # noqa: PLC0415
+
+    statistic, dof = 0.0, 0
+    for i in multi:
+        counts = np.array([draws[i].count(k) for k in sorted(objects[i])], float)
+        statistic += float(((counts - epochs / counts.size) ** 2).sum() / (epochs / counts.size))
+        dof += counts.size - 1
+    assert chi2.sf(statistic, dof) > 1e-4, (statistic, dof)
+
+
+def test_object_sampling_shows_every_object_once_per_epoch(built):
+    _, result = built
+    index = read_record_index(result.dataset_dir, "train")
+    expected = sorted(zip(index["object_record"].tolist(), index["object_label"].tolist()))
+    loader = make_loader(result.dataset_dir, "train", batch_size=1, seed=2, num_epochs=1,
+                         drop_remainder=False, sampling="object")
+    assert sorted(_epoch(loader)) == expected
+    assert len(expected) == result.object_counts["train"] > result.split_sizes["train"]
 
 
 def test_hosts_read_disjoint_equal_shares(built):

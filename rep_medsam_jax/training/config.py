@@ -58,9 +58,12 @@ class DataSection:
     """Where examples come from and how they are augmented.
 
     dataset_dir: a built dataset (``python -m input_pipeline.build``), the tfds version folder
-    ``DATA/med_sam_slices/size<S>/1.0.0``. Or, for laptops and tests, ``phantoms = (n2d, n3d)``:
+    ``DATA/med_sam_slices/size<S>/2.0.0``. Or, for laptops and tests, ``phantoms = (n2d, n3d)``:
     that many built-in phantom cases are written and built into ``WORKDIR/data`` at
     ``phantom_image_size``.
+    sampling: "slice" (an epoch is one pass over the slices, one of each slice's objects drawn
+    uniformly every time, as the authors' ``train_one_gpu.py`` does) or "object" (one pass over
+    every object, so slices with many objects weigh more). Evaluation scores every object.
     augment: "finetune" (colour jitter + flips p=0.7 + box jitter, the authors'
     ``train_one_gpu.py``), "pipeline" (the same without colour jitter), "distill" (flips only)
     or "none".
@@ -76,6 +79,7 @@ class DataSection:
     validation_fraction: float = 0.1
     train_split: str = "train"
     eval_split: str = "validation"
+    sampling: str = "slice"
     augment: str = "finetune"
     flip_probability: float = 0.7
     box_shift: int = 5
@@ -356,6 +360,8 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
     _need(not bad_parts, f"model.init_parts names unknown parts {sorted(bad_parts)}")
 
     data = config.data
+    _need(data.sampling in ("slice", "object"),
+          f"data.sampling must be 'slice' or 'object', got {data.sampling!r}")
     _need(data.augment in AUGMENTS,
           f"data.augment must be one of {AUGMENTS}, got {data.augment!r}")
     _need(0 <= data.flip_probability <= 1,
@@ -370,7 +376,7 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
     else:
         _need(bool(data.dataset_dir),
               "data.dataset_dir is empty: give a built dataset (python -m input_pipeline.build "
-              "... then --config.data.dataset_dir=DATA/med_sam_slices/size256/1.0.0) or "
+              "... then --config.data.dataset_dir=DATA/med_sam_slices/size256/2.0.0) or "
               "data.phantoms=(n2d,n3d) for built-in data")
         dataset = Path(data.dataset_dir)
         _need(dataset.is_dir(), f"data.dataset_dir {dataset} does not exist")

@@ -130,15 +130,19 @@ def make_loaders(config: TrainConfig, dataset_dir: Path, per_process_batch: int)
     common["device_images"] = True
     train = make_loader(dataset_dir, data.train_split, batch_size=per_process_batch,
                         seed=data.seed, augment=augment_config(config), shuffle=True,
-                        num_epochs=None, teacher_cache_dir=cache, **common)
-    train_size = len(ExampleSource(dataset_dir, data.train_split))
-    eval_size = len(ExampleSource(dataset_dir, data.eval_split))
+                        num_epochs=None, teacher_cache_dir=cache, sampling=data.sampling,
+                        **common)
+    # An epoch: every slice once (sampling "slice") or every object once ("object"); the
+    # evaluation scores every object of the split once.
+    train_size = len(ExampleSource(dataset_dir, data.train_split, sampling=data.sampling))
+    eval_size = len(ExampleSource(dataset_dir, data.eval_split, sampling="object"))
     eval_cache = data.eval_teacher_cache_dir or None if config.stage == "distill" else None
 
     def eval_iterator() -> Iterator[dict]:
         loader = make_loader(dataset_dir, data.eval_split, batch_size=per_process_batch,
                              seed=data.seed, augment=None, shuffle=False, num_epochs=1,
-                             drop_remainder=False, teacher_cache_dir=eval_cache, **common)
+                             drop_remainder=False, teacher_cache_dir=eval_cache,
+                             sampling="object", **common)
         return iter(loader)
 
     return train, eval_iterator, train_size, eval_size
