@@ -330,6 +330,9 @@ class Page:
             return round(x * scale - width / 2), round(y * scale - height / 2)
 
         start, end = offset(*box[:2]), offset(*box[2:])
+        # The page answers a box asynchronously; clear the message first so that waiting for
+        # "score" waits for this box's answer, not the previous one's.
+        self.driver.execute_script("window.appState.message = '';")
         (ActionChains(self.driver).move_to_element_with_offset(canvas, *start).click_and_hold()
          .move_to_element_with_offset(canvas, *end).release().perform())
         self.until_message("score")
