@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="NIfTI CT window in HU (default 40 400)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild an existing dataset (per-case work is still reused)")
+    parser.add_argument("--num-shards", type=int,
+                        help="array_record files per split (default: sized by tfds, 64 MiB to "
+                             "1 GiB each)")
     parser.add_argument("--runner", default="none",
                         choices=["none", "direct", "dataflow", "spark", "flink"],
                         help="none: build in this process; else an Apache Beam runner")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = build_dataset(source, args.data_dir, options, work_dir=args.work_dir,
                                overwrite=args.overwrite, log=logging.getLogger(__name__).info,
-                               beam=beam)
+                               beam=beam, num_shards=args.num_shards)
     except (BuildError, NotADirectoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

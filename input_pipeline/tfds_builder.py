@@ -497,13 +497,15 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
                   overwrite: bool = False,
                   on_case_done: Callable[[CaseReport], None] | None = None,
                   log: Callable[[str], None] = _LOG.info,
-                  beam: PipelineBuild | None = None) -> BuildResult:
+                  beam: PipelineBuild | None = None,
+                  num_shards: int | None = None) -> BuildResult:
     """Build (or resume building) the dataset of the cases under ``source_dir`` (one folder or
     several) in ``data_dir``.
 
     beam: run the build as Beam pipelines (:mod:`input_pipeline.beam_build`: DirectRunner
     worker processes or a cluster runner); None (the default) builds in this process. Both
-    give the same records in the same order.
+    give the same records in the same order. num_shards: array_record files per split (None:
+    tfds sizes them, 64 MiB to 1 GiB each); the record order does not depend on it.
 
     Returns where it is and what happened to every case; the report is also written to
     ``<dataset_dir>/build_report.json``. An existing dataset built with the same options is
@@ -537,6 +539,7 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
             else modes.REUSE_DATASET_IF_EXISTS)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(roots[0]), download_mode=mode, try_download_gcs=False,
+        num_shards=num_shards,
         beam_options=beam.pipeline_options() if beam is not None else None))
 
     split_sizes, object_counts = {}, {}

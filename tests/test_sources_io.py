@@ -12,11 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from input_pipeline.phantoms import write_phantom_dataset
 from input_pipeline.sources import (CaseSource, DuplicateCaseError, discover_sources,
                                     read_training_case)
 from input_pipeline.tfds_builder import BuildOptions, build_dataset
 from rep_medsam_jax import io as rio
+from tests.phantom_data import write_nested_corpus
 
 # An anisotropic grid whose stored axes 0 and 1 are swapped against LPS (axis 0 runs posterior,
 # axis 1 to the patient's right): a reader that skipped the reorientation, or applied it to the
@@ -153,22 +153,9 @@ def test_duplicate_case_ids_across_folders_name_both_files(tmp_path):
         discover_sources([tmp_path / "a", tmp_path / "missing"])
 
 
-def _nested_phantom_corpus(root, flat, n2d=3, n3d=1):
-    """Phantom cases re-laid as the training release: MODALITY/Set/<name>.npz, gts inside."""
-    write_phantom_dataset(flat, n2d=n2d, n3d=n3d, seed=0, size_2d=(24, 32), shape_3d=(3, 24, 24))
-    names = []
-    for path in sorted((flat / "inputs").glob("*.npz")):
-        with np.load(path) as image, np.load(flat / "gts" / path.name) as truth:
-            modality = path.stem.split("_")[1]
-            _npz(root / modality / f"{modality}Set" / path.name, imgs=image["imgs"],
-                 gts=truth["gts"])
-        names.append(path.stem)
-    return names
-
-
 def test_a_corrupt_file_deep_in_the_tree_is_named_and_skipped(tmp_path):
     root = tmp_path / "corpus"
-    names = _nested_phantom_corpus(root, tmp_path / "flat")
+    names = write_nested_corpus(root, tmp_path / "flat")
     corrupt = root / "CT" / "Broken" / "deep" / "CT_corrupt_01.npz"
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"PK\x03\x04 not a zip archive")
