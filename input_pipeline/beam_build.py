@@ -101,22 +101,49 @@ def report_path(work_dir: Path, case_id: str) -> Path:
     return work_dir / "reports" / f"{case_id}.json"
 
 
+def sources_path(work_dir: Path) -> Path:
+    return work_dir / "sources.json"
+
+
+def write_sources(work_dir: Path, sources: list[CaseSource]) -> None:
+    """The case list, for the workers. A file rather than the pipeline's own data: tens of
+    thousands of cases would bloat the job description past what a cluster accepts."""
+    rows = [dataclasses.asdict(s) | {"image_path": str(s.image_path),
+                                     "label_path": s.label_path and str(s.label_path),
+                                     "ct_window": s.ct_window and list(s.ct_window)}
+            for s in sources]
+    write_text_atomic(sources_path(work_dir), json.dumps(rows))
+
+
+def read_sources(work_dir: Path) -> list[CaseSource]:
+    rows = json.loads(sources_path(work_dir).read_text())
+    return [CaseSource(**row | {"image_path": Path(row["image_path"]),
+                                "label_path": row["label_path"] and Path(row["label_path"]),
+                                "ct_window": row["ct_window"] and tuple(row["ct_window"])})
+            for row in rows]
+
+
 class _PrepareCase(beam.DoFn):
-    """Stage 1 of one case on a worker: work file, report file, progress line, counters."""
+    """Stage 1 of case number k (1-based) of ``WORK_DIR/sources.json`` on a worker: work file,
+    report file, progress line, counters."""
 
-    def __init__(self, work_dir: Path, options: BuildOptions, total: int,
+    def __init__(self, work_dir: Path, options: BuildOptions,
                  on_case_done: Callable[[CaseReport], None] | None):
-        self.work_dir, self.options, self.total = work_dir, options, total
+        self.work_dir, self.options = work_dir, options
         self.on_case_done = on_case_done
+        self.sources: list[CaseSource] = []
 
-    def process(self, element: tuple[int, CaseSource]):
-        number, source = element
+    def setup(self):
+        self.sources = read_sources(self.work_dir)
+
+    def process(self, number: int):
+        source = self.sources[number - 1]
         report = prepare_case(source, self.work_dir / "cases", self.options)
         write_text_atomic(report_path(self.work_dir, source.case_id),
                           json.dumps(dataclasses.asdict(report)))
         # Logged in the worker; DirectRunner forwards worker logs to the launcher's stderr,
         # cluster runners to their log viewers.
-        _LOG.info(progress_line(number, self.total, report))
+        _LOG.info(progress_line(number, len(self.sources), report))
         beam.metrics.Metrics.counter(COUNTER_NAMESPACE, f"cases_{report.status}").inc()
         beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "slices").inc(report.slices)
         if self.on_case_done is not None:
@@ -135,14 +162,14 @@ def prepare_cases_with_beam(sources: list[CaseSource], work_dir: Path, options: 
     """
     (work_dir / "cases").mkdir(parents=True, exist_ok=True)
     (work_dir / "reports").mkdir(parents=True, exist_ok=True)
+    write_sources(work_dir, sources)
     log(f"stage 1 on Beam {RUNNERS[settings.runner]} ({settings.workers} worker(s)): "
         f"{len(sources)} case(s)")
     with beam.Pipeline(options=settings.pipeline_options()) as pipeline:
         _ = (pipeline
-             | "Cases" >> beam.Create(list(enumerate(sources, start=1)))
+             | "Cases" >> beam.Create(range(1, len(sources) + 1))
              | "Spread" >> beam.Reshuffle()
-             | "PrepareCase" >> beam.ParDo(_PrepareCase(work_dir, options, len(sources),
-                                                        on_case_done)))
+             | "PrepareCase" >> beam.ParDo(_PrepareCase(work_dir, options, on_case_done)))
     reports = []
     for source in sources:
         path = report_path(work_dir, source.case_id)

@@ -2,7 +2,7 @@
 
     python -m input_pipeline.build --source CASES [MORE ...] --data-dir DATA
     python -m input_pipeline.build --source CASES --data-dir DATA --runner direct --workers 8
-    python -m input_pipeline.build --source gs-mounted/CASES --data-dir DATA --runner dataflow \
+    python -m input_pipeline.build --source /mnt/CASES --data-dir /mnt/DATA --runner dataflow \
         --beam-option project=P --beam-option region=R --beam-option temp_location=gs://B/tmp
     python -m input_pipeline.build --phantoms 12 4 --data-dir DATA      # built-in data, no files
     python -m input_pipeline.build --phantoms 12 4 --mni152 --data-dir DATA
@@ -10,9 +10,10 @@
 ``--runner none`` (the default) builds in this process; any other runner runs the build as
 Apache Beam pipelines (``pip install '.[beam]'``; see input_pipeline/beam_build.py). Progress
 goes to stderr, one line per case (from the Beam workers under a runner); a skipped case is
-reported with its reason and the build goes on. Rerunning the same command resumes an interrupted build (finished cases are
-reused) and reuses a finished dataset. The dataset lands in DATA/med_sam_slices/size<S>/2.0.0;
-the summary names it. Exit status: 0 built, 1 nothing could be built, 2 bad arguments.
+reported with its reason and the build goes on. Rerunning the same command resumes an
+interrupted build (finished cases are reused) and reuses a finished dataset. The dataset lands
+in DATA/med_sam_slices/size<S>/2.0.0; the summary names it and the skipped cases. Exit status:
+0 built, 1 nothing could be built, 2 bad arguments.
 """
 
 from __future__ import annotations

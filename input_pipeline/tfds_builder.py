@@ -36,6 +36,10 @@ Building runs in two stages, so that it is resumable and a bad case is never fat
 2. tfds writes the splits from those per-case files (cheap). An interruption here redoes only
    this stage (tfds writes into a temporary ``incomplete.*`` folder renamed at the end).
 
+Both stages run in this process by default, or as Apache Beam pipelines over worker processes
+or a cluster (``build_dataset(..., beam=BeamSettings(...))``, :mod:`input_pipeline.beam_build`),
+with the same work files, reports and records.
+
 Splits are by case: a seeded hash ranks the cases and the first ``round(fraction * n)`` (at least
 one when n >= 2 and fraction > 0) go to ``validation``, so no case has slices in both splits,
 and adding a case does not move the others.
