@@ -51,7 +51,8 @@ class BeamSettings:
     """Which Beam runner builds the dataset, and how.
 
     runner: a key of RUNNERS. workers: DirectRunner worker processes (``--direct_num_workers``
-    with ``--direct_running_mode multi_processing``); other runners size their own pools.
+    with ``--direct_running_mode multi_processing``); other runners size their pools through
+    their own options.
     options: further Beam pipeline options as ``key=value`` (or a bare ``flag``), e.g.
     ``project=my-project``, ``temp_location=gs://bucket/tmp``.
     """
@@ -65,6 +66,9 @@ class BeamSettings:
             raise ValueError(f"unknown Beam runner {self.runner!r}; one of {sorted(RUNNERS)}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.workers != 1 and self.runner != "direct":
+            raise ValueError(f"workers is for the direct runner; size a {self.runner} job with "
+                             "its own options (e.g. num_workers=N, max_num_workers=N)")
         args = [f"--runner={RUNNERS[self.runner]}"]
         if self.runner == "direct":
             mode = "multi_processing" if self.workers > 1 else "in_memory"
@@ -177,6 +181,10 @@ def prepare_cases_with_beam(sources: list[CaseSource], work_dir: Path, options: 
             raise BuildError(f"stage 1 finished without a report for {source.case_id} "
                              f"({path}); rerun the build")
         reports.append(CaseReport(**json.loads(path.read_text())))
+    counts = {status: sum(r.status == status for r in reports)
+              for status in ("built", "reused", "skipped")}
+    log(f"stage 1 done: {counts['built']} built, {counts['reused']} reused, "
+        f"{counts['skipped']} skipped, {sum(r.slices for r in reports)} slice(s)")
     return reports
 
 

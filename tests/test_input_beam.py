@@ -84,7 +84,8 @@ def test_beam_settings_make_the_runner_options():
     assert (options["runner"], options["project"], options["region"]) == (
         "DataflowRunner", "p", "europe-west4")
     for bad in (beam_build.BeamSettings("local"), beam_build.BeamSettings("direct", 0),
-                beam_build.BeamSettings("direct", 1, ("--project=p",))):
+                beam_build.BeamSettings("direct", 1, ("--project=p",)),
+                beam_build.BeamSettings("dataflow", 4)):
         with pytest.raises(ValueError):
             bad.pipeline_args()
 
