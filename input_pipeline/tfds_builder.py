@@ -496,6 +496,15 @@ def _remove_stale_incomplete_dirs(version_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _remove_stale_temporaries(work_dir: Path) -> None:
+    """A killed build leaves the work files it was writing as hidden temporaries
+    (``.tmp-<random>-<case>.npz``, never read as work files); remove them."""
+    for folder in (work_dir / "cases", work_dir / "reports"):
+        if folder.is_dir():
+            for stale in folder.glob(".tmp-*"):
+                stale.unlink(missing_ok=True)
+
+
 def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str | Path,
                   options: BuildOptions | None = None, *, work_dir: str | Path | None = None,
                   overwrite: bool = False,
@@ -538,6 +547,7 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
                            reused_existing=True)
 
     _remove_stale_incomplete_dirs(dataset_dir)
+    _remove_stale_temporaries(builder.work_dir)
     modes = tfds.download.GenerateMode
     mode = (modes.REUSE_CACHE_IF_EXISTS if overwrite or builder.is_prepared()
             else modes.REUSE_DATASET_IF_EXISTS)

@@ -20,7 +20,7 @@ import pytest
 beam_build = pytest.importorskip("input_pipeline.beam_build")
 
 from input_pipeline.tfds_builder import (BuildOptions, build_dataset,  # noqa: E402
-                                         open_split, read_record_index)
+                                         load_case_slices, open_split, read_record_index)
 from tests.phantom_data import write_nested_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,32 +124,51 @@ def test_the_beam_build_command_gives_the_in_process_records_in_order(corpus, tm
         corpus["names"])
 
 
-def _fail_after(cases_dir: Path, count: int):
-    """An on_case_done hook (runs on the worker) that fails the pipeline once ``count`` work
-    files exist: a crash in the middle of stage 1."""
-    def hook(report):
-        if len(list(cases_dir.glob("*.npz"))) >= count:
-            raise RuntimeError(f"stopped after {report.case_id}")
-    return hook
+# A Beam build whose launcher and worker processes (one process group) are all killed with
+# SIGKILL by a worker once 3 work files exist: an abrupt end in the middle of stage 1, no cleanup
+# code run anywhere. At most one more case (the other worker's) finishes in between.
+_KILLED_BUILD = """
+import os, signal, sys
+from pathlib import Path
+from input_pipeline.beam_build import BeamSettings
+from input_pipeline.tfds_builder import BuildOptions, build_dataset
+
+if os.getpgid(0) != os.getpid():
+    sys.exit("run me as the leader of a new process group")
+roots, data, work = [Path(a) for a in sys.argv[1:3]], Path(sys.argv[3]), Path(sys.argv[4])
+
+def kill_all(report, group=os.getpgid(0)):     # the default: this launcher's process group
+    if len([p for p in (work / "cases").glob("*.npz") if not p.name.startswith(".")]) >= 3:
+        os.killpg(group, signal.SIGKILL)
+
+build_dataset(roots, data, BuildOptions(image_size=32, validation_fraction=0.3),
+              work_dir=work, on_case_done=kill_all, beam=BeamSettings("direct", 2))
+"""
 
 
 @pytest.mark.slow
-def test_a_beam_build_failing_midway_resumes_without_loss_or_duplicates(corpus, tmp_path):
+def test_a_beam_build_killed_midway_resumes_without_loss_or_duplicates(corpus, tmp_path):
     settings = beam_build.BeamSettings("direct", 2)
-    work = tmp_path / "work"
-    with pytest.raises(Exception, match="stopped after"):
-        build_dataset(corpus["roots"], tmp_path / "data", OPTIONS, work_dir=work,
-                      on_case_done=_fail_after(work / "cases", 3), log=_quiet, beam=settings)
-    done = sorted(p.stem for p in (work / "cases").glob("*.npz"))
-    assert 3 <= len(done) < len(corpus["names"])
-    assert not (tmp_path / "data" / "med_sam_slices" / "size32" / "2.0.0").exists()
+    work, data = tmp_path / "work", tmp_path / "data"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_BUILD, *map(str, corpus["roots"]),
+                             str(data), str(work)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, start_new_session=True)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    finished = [p for p in (work / "cases").glob("*.npz") if not p.name.startswith(".")]
+    done = sorted(p.stem for p in finished)
+    assert 3 <= len(done) <= 4 < len(corpus["names"])
+    for path in finished:                   # every visible work file is whole
+        assert load_case_slices(path).num_slices > 0
+    assert not (data / "med_sam_slices" / "size32" / "2.0.0").exists()
 
     lines = []
-    resumed = build_dataset(corpus["roots"], tmp_path / "data", OPTIONS, work_dir=work,
-                            log=lines.append, beam=settings)
+    resumed = build_dataset(corpus["roots"], data, OPTIONS, work_dir=work, log=lines.append,
+                            beam=settings)
     statuses = {r.case_id: r.status for r in resumed.reports}
     assert {c for c, s in statuses.items() if s == "reused"} == set(done)
     assert {c for c, s in statuses.items() if s == "built"} == set(corpus["names"]) - set(done)
     assert {c for c, s in statuses.items() if s == "skipped"} == set(BAD_CASES)
     assert all(f"skipped {name}" in lines[-1] for name in BAD_CASES)     # the summary
     _assert_same_dataset(resumed.dataset_dir, corpus["reference"].dataset_dir)
+    # Temporaries of the work files being written at the kill are gone.
+    assert not [p for p in (work / "cases").iterdir() if p.name.startswith(".")]
