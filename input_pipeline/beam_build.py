@@ -15,7 +15,10 @@ Two pipelines, the same two stages as the in-process build (:mod:`input_pipeline
 2. **Records** (:func:`records_transform`): the launcher splits the usable cases by case and
    numbers their records from the work files alone (``records-<split>.npz``); the workers read
    the work files and emit ``(record number, record)``; tfds' Beam writer sorts by that integer
-   key and writes ``array_record`` shards in exactly that order.
+   key and writes ``array_record`` shards in exactly that order. On cluster runners only by
+   default (``BeamSettings.records_on_beam``): the DirectRunner keeps grouped data in the
+   launcher's memory, so a local build writes the records in the launcher, streaming, as the
+   in-process build does.
 
 Stage 1 must finish before stage 2 starts (the split and the record numbers depend on which
 cases could be used), hence two pipelines rather than one.
@@ -55,11 +58,23 @@ class BeamSettings:
     their own options.
     options: further Beam pipeline options as ``key=value`` (or a bare ``flag``), e.g.
     ``project=my-project``, ``temp_location=gs://bucket/tmp``.
+    records_on_beam: write the records (stage 2) with a Beam pipeline too. None: on cluster
+    runners only. The DirectRunner holds every grouped element in the launcher's memory, and
+    stage 2 groups the whole dataset by shard (tens of GB at the challenge's size), so a local
+    build writes its records in the launcher with tfds' streaming writer instead.
     """
 
     runner: str = "direct"
     workers: int = 1
     options: tuple[str, ...] = ()
+    records_on_beam: bool | None = None
+
+    @property
+    def writes_records(self) -> bool:
+        """Whether stage 2 runs as a Beam pipeline (see ``records_on_beam``)."""
+        if self.records_on_beam is None:
+            return self.runner != "direct"
+        return self.records_on_beam
 
     def pipeline_args(self) -> list[str]:
         if self.runner not in RUNNERS:

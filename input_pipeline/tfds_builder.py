@@ -36,9 +36,10 @@ Building runs in two stages, so that it is resumable and a bad case is never fat
 2. tfds writes the splits from those per-case files (cheap). An interruption here redoes only
    this stage (tfds writes into a temporary ``incomplete.*`` folder renamed at the end).
 
-Both stages run in this process by default, or as Apache Beam pipelines over worker processes
-or a cluster (``build_dataset(..., beam=BeamSettings(...))``, :mod:`input_pipeline.beam_build`),
-with the same work files, reports and records.
+Both stages run in this process by default; stage 1, and on a cluster stage 2 too, can run as
+Apache Beam pipelines over worker processes or a cluster (``build_dataset(...,
+beam=BeamSettings(...))``, :mod:`input_pipeline.beam_build`), with the same work files, reports
+and records.
 
 Splits are by case: a seeded hash ranks the cases and the first ``round(fraction * n)`` (at least
 one when n >= 2 and fraction > 0) go to ``validation``, so no case has slices in both splits,
@@ -79,6 +80,8 @@ class BuildError(RuntimeError):
 class PipelineBuild(Protocol):
     """How to run both stages as pipelines (``input_pipeline.beam_build.BeamSettings``; Beam
     is optional, so this module does not import it)."""
+
+    writes_records: bool       # stage 2 as a pipeline too (else tfds' in-process writer)
 
     def pipeline_options(self) -> Any:
         """The pipeline options tfds' writer runs stage 2 with."""
@@ -324,8 +327,8 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
                  source_dirs: Sequence[str | Path] | None = None,
                  beam: PipelineBuild | None = None, **kwargs: Any):
         """source_dirs: the roots of the cases (default: the tfds manual dir alone).
-        beam: run both stages as Beam pipelines (:mod:`input_pipeline.beam_build`); None
-        builds in this process."""
+        beam: run stage 1 (and stage 2 when ``beam.writes_records``) as Beam pipelines
+        (:mod:`input_pipeline.beam_build`); None builds in this process."""
         self.options = options or BuildOptions()
         self.source_dirs = [Path(d) for d in source_dirs] if source_dirs else None
         self.beam = beam
@@ -383,7 +386,7 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
                              "every one was skipped (see the log)")
         splits = {split: cases for split, cases in assign_splits(
             built, options.validation_fraction, options.split_seed).items() if cases}
-        if self.beam is None:
+        if self.beam is None or not self.beam.writes_records:
             return {split: self._generate_examples(split, cases)
                     for split, cases in splits.items()}
         transforms = {}
@@ -516,8 +519,9 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
     several) in ``data_dir``.
 
     beam: run the build as Beam pipelines (:mod:`input_pipeline.beam_build`: DirectRunner
-    worker processes or a cluster runner); None (the default) builds in this process. Both
-    give the same records in the same order. num_shards: array_record files per split (None:
+    worker processes or a cluster runner; the records are written in this process unless
+    ``beam.writes_records``); None (the default) builds in this process. All give the same
+    records in the same order. num_shards: array_record files per split (None:
     tfds sizes them, 64 MiB to 1 GiB each); the record order does not depend on it.
 
     Returns where it is and what happened to every case; the report is also written to
@@ -554,7 +558,7 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(roots[0]), download_mode=mode, try_download_gcs=False,
         num_shards=num_shards,
-        beam_options=beam.pipeline_options() if beam is not None else None))
+        beam_options=beam.pipeline_options() if beam and beam.writes_records else None))
 
     split_sizes, object_counts = {}, {}
     for split, index in builder.record_index.items():

@@ -76,10 +76,12 @@ def _assert_same_dataset(dataset_dir: Path, reference_dir: Path) -> None:
 
 def test_beam_settings_make_the_runner_options():
     args = beam_build.BeamSettings("direct", 3, ("temp_location=/tmp/x", "save_main_session"))
+    assert not args.writes_records           # the DirectRunner would hold stage 2 in memory
     assert args.pipeline_args()[:3] == ["--runner=DirectRunner", "--direct_num_workers=3",
                                         "--direct_running_mode=multi_processing"]
     assert args.pipeline_args()[-2:] == ["--temp_location=/tmp/x", "--save_main_session"]
     dataflow = beam_build.BeamSettings("dataflow", 1, ("project=p", "region=europe-west4"))
+    assert dataflow.writes_records
     options = dataflow.pipeline_options().get_all_options()
     assert (options["runner"], options["project"], options["region"]) == (
         "DataflowRunner", "p", "europe-west4")
@@ -148,7 +150,8 @@ build_dataset(roots, data, BuildOptions(image_size=32, validation_fraction=0.3),
 
 @pytest.mark.slow
 def test_a_beam_build_killed_midway_resumes_without_loss_or_duplicates(corpus, tmp_path):
-    settings = beam_build.BeamSettings("direct", 2)
+    # The rerun writes the records with Beam too (as a cluster runner does), in three shards.
+    settings = beam_build.BeamSettings("direct", 2, records_on_beam=True)
     work, data = tmp_path / "work", tmp_path / "data"
     killed = subprocess.run([sys.executable, "-c", _KILLED_BUILD, *map(str, corpus["roots"]),
                              str(data), str(work)], cwd=REPO, capture_output=True, text=True,
@@ -163,12 +166,13 @@ def test_a_beam_build_killed_midway_resumes_without_loss_or_duplicates(corpus, t
 
     lines = []
     resumed = build_dataset(corpus["roots"], data, OPTIONS, work_dir=work, log=lines.append,
-                            beam=settings)
+                            beam=settings, num_shards=3)
     statuses = {r.case_id: r.status for r in resumed.reports}
     assert {c for c, s in statuses.items() if s == "reused"} == set(done)
     assert {c for c, s in statuses.items() if s == "built"} == set(corpus["names"]) - set(done)
     assert {c for c, s in statuses.items() if s == "skipped"} == set(BAD_CASES)
     assert all(f"skipped {name}" in lines[-1] for name in BAD_CASES)     # the summary
+    assert len(list(resumed.dataset_dir.glob("*-train.array_record-*-of-00003"))) == 3
     _assert_same_dataset(resumed.dataset_dir, corpus["reference"].dataset_dir)
     # Temporaries of the work files being written at the kill are gone.
     assert not [p for p in (work / "cases").iterdir() if p.name.startswith(".")]
