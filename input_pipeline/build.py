@@ -1,13 +1,19 @@
-"""Build the training dataset from a folder of cases (or from built-in phantoms).
+"""Build the training dataset from folders of cases (or from built-in phantoms).
 
-    python -m input_pipeline.build --source CASES --data-dir DATA [--validation-fraction 0.1]
+    python -m input_pipeline.build --source CASES [MORE ...] --data-dir DATA
+    python -m input_pipeline.build --source CASES --data-dir DATA --runner direct --workers 8
+    python -m input_pipeline.build --source /mnt/CASES --data-dir /mnt/DATA --runner dataflow \
+        --beam-option project=P --beam-option region=R --beam-option temp_location=gs://B/tmp
     python -m input_pipeline.build --phantoms 12 4 --data-dir DATA      # built-in data, no files
     python -m input_pipeline.build --phantoms 12 4 --mni152 --data-dir DATA
 
-Progress goes to stderr, one line per case; a skipped case is reported with its reason and the
-build goes on. Rerunning the same command resumes an interrupted build (finished cases are
-reused) and reuses a finished dataset. The dataset lands in DATA/med_sam_slices/size<S>/2.0.0;
-the summary names it. Exit status: 0 built, 1 nothing could be built, 2 bad arguments.
+``--runner none`` (the default) builds in this process; any other runner runs the build as
+Apache Beam pipelines (``pip install '.[beam]'``; see input_pipeline/beam_build.py). Progress
+goes to stderr, one line per case (from the Beam workers under a runner); a skipped case is
+reported with its reason and the build goes on. Rerunning the same command resumes an
+interrupted build (finished cases are reused) and reuses a finished dataset. The dataset lands
+in DATA/med_sam_slices/size<S>/2.0.0; the summary names it and the skipped cases. Exit status:
+0 built, 1 nothing could be built, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m input_pipeline.build",
                                      description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--source", help="folder of cases (see input_pipeline/sources.py)")
+    where.add_argument("--source", nargs="+", action="extend", metavar="ROOT",
+                       help="folder(s) of cases, searched at any depth (see "
+                            "input_pipeline/sources.py); repeat or list several")
     where.add_argument("--phantoms", type=int, nargs=2, metavar=("N2D", "N3D"),
                        help="write N2D 2D and N3D 3D phantom cases to DATA/phantoms and build "
                             "from them")
@@ -43,10 +51,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="NIfTI CT window in HU (default 40 400)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild an existing dataset (per-case work is still reused)")
+    parser.add_argument("--num-shards", type=int,
+                        help="array_record files per split (default: sized by tfds, 64 MiB to "
+                             "1 GiB each)")
+    parser.add_argument("--runner", default="none",
+                        choices=["none", "direct", "dataflow", "spark", "flink"],
+                        help="none: build in this process; else an Apache Beam runner")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="--runner direct: worker processes on this machine")
+    parser.add_argument("--beam-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Beam pipeline option passed through (repeat), e.g. "
+                             "project=my-project, temp_location=gs://bucket/tmp")
     args = parser.parse_args(argv)
     if args.mni152 and not args.phantoms:
         parser.error("--mni152 goes with --phantoms")
+    if args.runner == "none" and (args.workers != 1 or args.beam_option):
+        parser.error("--workers and --beam-option need a Beam --runner")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    beam = None
+    if args.runner != "none":
+        try:
+            from input_pipeline.beam_build import BeamSettings  # noqa: PLC0415
+        except ImportError as err:
+            print(f"error: --runner {args.runner} needs Apache Beam (pip install "
+                  f"'rep-medsam-jax[beam]'): {err}", file=sys.stderr)
+            return 2
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        beam = BeamSettings(args.runner, args.workers, tuple(args.beam_option))
+        try:
+            beam.pipeline_args()
+        except ValueError as err:
+            parser.error(str(err))
 
     source = args.source
     if args.phantoms:
@@ -57,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                         seed=args.seed)
         if args.mni152:
             mni152_case(folder)
-        source = written.inputs_dir.parent
+        source = [written.inputs_dir.parent]
     options = BuildOptions(image_size=args.image_size,
                            validation_fraction=args.validation_fraction,
                            split_seed=args.split_seed, min_mask_pixels=args.min_mask_pixels,
@@ -65,14 +100,18 @@ def main(argv: list[str] | None = None) -> int:
                            ct_window=tuple(args.ct_window) if args.ct_window else None)
     try:
         result = build_dataset(source, args.data_dir, options, work_dir=args.work_dir,
-                               overwrite=args.overwrite, log=logging.getLogger(__name__).info)
+                               overwrite=args.overwrite, log=logging.getLogger(__name__).info,
+                               beam=beam, num_shards=args.num_shards)
     except (BuildError, NotADirectoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     sizes = ", ".join(f"{split}: {count}" for split, count in result.split_sizes.items())
     # tfds prints its own lines to stdout; this one is easy to find (and to parse).
-    print(f"dataset: {result.dataset_dir}\n  examples: {sizes}; "
-          f"cases skipped: {len(result.skipped)}")
+    skipped = [r.case_id for r in result.skipped]
+    named = ", ".join(skipped[:20]) + (f", ... ({len(skipped) - 20} more)"
+                                       if len(skipped) > 20 else "")
+    print(f"dataset: {result.dataset_dir}\n  records: {sizes}; cases skipped: {len(skipped)}"
+          + (f" ({named}; reasons in build_report.json)" if skipped else ""))
     return 0
 
 

@@ -3,24 +3,25 @@
 Two formats, both read through :mod:`rep_medsam_jax.io` (the readers, uint8 rules, sidecar and
 orientation of inference):
 
-* Challenge ``.npz``. Images under ``imgs`` ((H, W, 3) or (H, W) for 2D, (D, H, W) for 3D, uint8),
-  ground truth under ``gts`` (label map of the image's spatial shape, 0 = background) either in
-  the same file (the challenge's training files) or in a file of the same name in a ``gts/``
-  folder (the evaluation layout, and what :mod:`input_pipeline.phantoms` writes). Cases are looked
-  for in ``ROOT/*.npz`` and ``ROOT/inputs/*.npz``; separate ground truth in ``ROOT/gts/`` or,
-  when ROOT is itself an ``inputs`` folder, ``ROOT/../gts/``. 2D or 3D: by the name prefix when
-  there is one (``2D...`` / ``3D...``, the challenge's dispatch rule), else by the label map's
-  rank. Stored ``boxes`` are not needed for training (boxes are derived from the masks) but are
-  checked when present: a box past the image means the case does not fit its annotations.
-* NIfTI pairs (the nnU-Net / Medical Segmentation Decathlon layout): ``ROOT/imagesTr/X.nii.gz``
-  (or ``X_0000.nii.gz``; other channels are ignored) with ``ROOT/labelsTr/X.nii.gz``; the folder
-  names ``images`` / ``labels`` work too. Volumes are reoriented to axial (D, H, W) slices and
-  converted to uint8 with the same rules as inference (:mod:`rep_medsam_jax.io.nifti`): CT
-  windowing (level / width per anatomy), else 0.5 / 99.5 percentile clipping. The modality comes
-  from a per-case sidecar ``X.json`` next to the image (``{"modality": "CT", "ct_window": [40,
-  400]}``; the inference sidecar schema of :mod:`rep_medsam_jax.io.sidecar`, ``boxes``
-  optional), else ``ROOT/dataset.json`` (``"modality": {"0": "CT"}`` or ``"channel_names":
-  {"0": "CT"}``), else the caller's default.
+* Challenge ``.npz``. Images under ``imgs`` ((H, W, 3) or (H, W) for 2D, (D, H, W) for 3D,
+  uint8), ground truth under ``gts`` (label map of the image's spatial shape, 0 = background)
+  either in the same file (the challenge's training files) or in a file of the same name in a
+  ``gts/`` folder (the evaluation layout, and what :mod:`input_pipeline.phantoms` writes).
+  Cases are found at any depth (the challenge's ``CT/AbdomenCT/*.npz`` tree); the separate
+  ground truth of ``D/X.npz`` is ``D/gts/X.npz`` or, when D is an ``inputs`` folder,
+  ``D/../gts/X.npz``. 2D or 3D: by the name prefix when there is one (``2D...`` / ``3D...``,
+  the challenge's dispatch rule), else by the label map's rank. Stored ``boxes`` are not needed
+  for training (boxes are derived from the masks) but are checked when present: a box past the
+  image means the case does not fit its annotations.
+* NIfTI pairs (the nnU-Net / Medical Segmentation Decathlon layout), at any depth:
+  ``D/imagesTr/X.nii.gz`` (or ``X_0000.nii.gz``; other channels are ignored) with
+  ``D/labelsTr/X.nii.gz``; the folder names ``images`` / ``labels`` work too. Volumes are
+  reoriented to axial (D, H, W) slices and converted to uint8 with the same rules as inference
+  (:mod:`rep_medsam_jax.io.nifti`): CT windowing (level / width per anatomy), else 0.5 / 99.5
+  percentile clipping. The modality comes from a per-case sidecar ``X.json`` next to the image
+  (``{"modality": "CT", "ct_window": [40, 400]}``; the inference sidecar schema of
+  :mod:`rep_medsam_jax.io.sidecar`, ``boxes`` optional), else ``D/dataset.json``
+  (``"modality": {"0": "CT"}`` or ``"channel_names": {"0": "CT"}``), else the caller's default.
 
 Every problem with one case raises a :class:`rep_medsam_jax.io.CaseError` subclass whose message
 names the file, so the dataset builder can report it and go on with the next case.
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,11 +159,6 @@ def _dataset_json_modality(root: Path) -> str | None:
 # Discovery
 # --------------------------------------------------------------------------------------------
 
-def _visible(paths) -> list[Path]:
-    return sorted((p for p in paths if p.is_file() and not p.name.startswith(".")),
-                  key=lambda p: p.name)
-
-
 def _nifti_stem(path: Path) -> str:
     name = path.name
     for suffix in NIFTI_SUFFIXES:
@@ -169,55 +167,137 @@ def _nifti_stem(path: Path) -> str:
     return path.stem
 
 
-def discover_sources(root: str | Path, *, default_modality: str | None = None,
+def _is_nifti(name: str) -> bool:
+    return any(name.lower().endswith(suffix) for suffix in NIFTI_SUFFIXES)
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """(folder, visible sub-folder names, visible file names) for every folder under ``root``,
+    depth first in name order. Hidden entries (``.name``) are skipped; symbolic links to folders
+    are followed once (a link back up the tree is not walked again)."""
+    seen: set[Path] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        real = folder.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        dirs, files = [], []
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            raise NotADirectoryError(f"cannot list {folder}: {err}") from err
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                dirs.append(entry.name)
+            elif entry.is_file():
+                files.append(entry.name)
+        yield folder, dirs, files
+        stack.extend(folder / d for d in reversed(dirs))
+
+
+def _npz_sources(folder: Path, files: list[str], gts_claimed: set[Path]) -> list[CaseSource]:
+    """The npz cases of one folder; ground truth in ``folder/gts/`` or, for an ``inputs``
+    folder, in ``folder/../gts/`` (those ground-truth files are added to ``gts_claimed``)."""
+    gts_dirs = [folder / "gts"] + ([folder.parent / "gts"] if folder.name == "inputs" else [])
+    gts_dirs = [d for d in gts_dirs if d.is_dir()]
+    found = []
+    for name in files:
+        if not name.endswith(".npz"):
+            continue
+        label = next((d / name for d in gts_dirs if (d / name).is_file()), None)
+        if label is not None:
+            gts_claimed.add(label.resolve())
+        found.append(CaseSource(name[: -len(".npz")], "npz", folder / name, label))
+    return found
+
+
+def _nifti_sources(folder: Path, dirs: list[str], default_modality: str | None,
+                   ct_window: tuple[float, float] | None) -> list[CaseSource]:
+    """The NIfTI pairs of ``folder/imagesTr`` + ``folder/labelsTr`` (or images / labels)."""
+    image_dir = next((folder / d for d in NIFTI_IMAGE_DIRS if d in dirs), None)
+    if image_dir is None:
+        return []
+    label_dir = next((folder / d for d in NIFTI_LABEL_DIRS if d in dirs), None)
+    folder_modality = _dataset_json_modality(folder) or default_modality
+
+    def label_for(stem: str) -> Path | None:
+        if label_dir is None:
+            return None
+        return next((label_dir / (stem + s) for s in NIFTI_SUFFIXES
+                     if (label_dir / (stem + s)).is_file()), None)
+
+    found = []
+    names = sorted(e.name for e in os.scandir(image_dir)
+                   if e.is_file() and not e.name.startswith(".") and _is_nifti(e.name))
+    for name in names:
+        path = image_dir / name
+        stem = _nifti_stem(path)
+        label = label_for(stem)
+        channel = stem[-4:] if stem[-5:-4] == "_" and stem[-4:].isdigit() else None
+        if label is None and channel is not None and label_for(stem[:-5]) is not None:
+            if channel != "0000":        # nnU-Net: X_0000 is channel 0 of case X; the
+                continue                 # other channels are not used
+            stem, label = stem[:-5], label_for(stem[:-5])
+        found.append(CaseSource(stem, "nifti", path, label, modality=folder_modality,
+                                ct_window=ct_window))
+    return found
+
+
+def discover_sources(roots: str | Path | Sequence[str | Path], *,
+                     default_modality: str | None = None,
                      ct_window: tuple[float, float] | None = None) -> list[CaseSource]:
-    """All training cases under ``root`` (see the module docstring), sorted by case id.
+    """All training cases at any depth under one or several roots, sorted by case id.
 
+    * npz: every ``.npz`` file in any folder is a case, except a ground-truth file: one in a
+      ``gts/`` folder whose name matches an image in the folder above it (``D/X.npz`` +
+      ``D/gts/X.npz``) or in its sibling ``inputs/`` folder (``D/inputs/X.npz`` +
+      ``D/gts/X.npz``). So ``CT/AbdomenCT/*.npz`` (the challenge's training tree) and the
+      evaluation layout are both read, at whatever depth they sit.
+    * NIfTI: every folder holding ``imagesTr/`` (or ``images/``) gives the pairs with its
+      ``labelsTr/`` (or ``labels/``); see the module docstring.
+
+    Hidden files and folders (``.name``) are ignored. The case id is the file stem, so it must
+    be unique over all roots: two files giving the same id raise DuplicateCaseError naming both
+    (the same file reached twice, through overlapping roots or a link, counts once).
     default_modality / ct_window: the NIfTI intensity rule when neither a per-case sidecar nor
-    ``dataset.json`` names one. Raises DuplicateCaseError if two files give the same id and
-    NotADirectoryError if ``root`` is not a folder.
+    ``dataset.json`` names one. Raises NotADirectoryError if a root is not a folder.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"source folder {root} does not exist or is not a folder")
-    sources: dict[str, CaseSource] = {}
+    root_list = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    if not root_list:
+        raise NotADirectoryError("no source folder given")
+    for root in root_list:
+        if not root.is_dir():
+            raise NotADirectoryError(f"source folder {root} does not exist or is not a folder")
 
-    def add(source: CaseSource) -> None:
+    npz_cases: list[CaseSource] = []
+    gts_claimed: set[Path] = set()
+    nifti_cases: list[CaseSource] = []
+    for root in root_list:
+        for folder, dirs, files in _walk(root):
+            if folder.name in NIFTI_IMAGE_DIRS + NIFTI_LABEL_DIRS and any(
+                    (folder.parent / d).is_dir() for d in NIFTI_IMAGE_DIRS):
+                continue                 # read through the pair's parent folder
+            npz_cases += _npz_sources(folder, files, gts_claimed)
+            nifti_cases += _nifti_sources(folder, dirs, default_modality, ct_window)
+
+    sources: dict[str, CaseSource] = {}
+    seen_files: set[Path] = set()
+    for source in npz_cases + nifti_cases:
+        real = source.image_path.resolve()
+        if source.kind == "npz" and real in gts_claimed:
+            continue                     # ground truth of another case, not a case
+        if real in seen_files:
+            continue
+        seen_files.add(real)
         if source.case_id in sources:
             raise DuplicateCaseError(
                 f"case id {source.case_id!r} is given by both {sources[source.case_id].image_path}"
                 f" and {source.image_path}; case ids must be unique")
         sources[source.case_id] = source
-
-    gts_dirs = [d for d in (root / "gts", root.parent / "gts" if root.name == "inputs" else None)
-                if d is not None and d.is_dir()]
-    for folder in (root, root / "inputs"):
-        if not folder.is_dir():
-            continue
-        for path in _visible(folder.glob("*.npz")):
-            label = next((d / path.name for d in gts_dirs if (d / path.name).is_file()), None)
-            add(CaseSource(path.stem, "npz", path, label))
-
-    image_dir = next((root / d for d in NIFTI_IMAGE_DIRS if (root / d).is_dir()), None)
-    label_dir = next((root / d for d in NIFTI_LABEL_DIRS if (root / d).is_dir()), None)
-    if image_dir is not None:
-        folder_modality = _dataset_json_modality(root) or default_modality
-        def label_for(stem: str) -> Path | None:
-            if label_dir is None:
-                return None
-            return next((label_dir / (stem + s) for s in NIFTI_SUFFIXES
-                         if (label_dir / (stem + s)).is_file()), None)
-
-        for path in _visible(p for suffix in NIFTI_SUFFIXES for p in image_dir.glob("*" + suffix)):
-            stem = _nifti_stem(path)
-            label = label_for(stem)
-            channel = stem[-4:] if stem[-5:-4] == "_" and stem[-4:].isdigit() else None
-            if label is None and channel is not None and label_for(stem[:-5]) is not None:
-                if channel != "0000":        # nnU-Net: X_0000 is channel 0 of case X; the
-                    continue                 # other channels are not used
-                stem, label = stem[:-5], label_for(stem[:-5])
-            add(CaseSource(stem, "nifti", path, label, modality=folder_modality,
-                           ct_window=ct_window))
     return [sources[key] for key in sorted(sources)]
 
 

@@ -36,6 +36,11 @@ Building runs in two stages, so that it is resumable and a bad case is never fat
 2. tfds writes the splits from those per-case files (cheap). An interruption here redoes only
    this stage (tfds writes into a temporary ``incomplete.*`` folder renamed at the end).
 
+Both stages run in this process by default; stage 1, and on a cluster stage 2 too, can run as
+Apache Beam pipelines over worker processes or a cluster (``build_dataset(...,
+beam=BeamSettings(...))``, :mod:`input_pipeline.beam_build`), with the same work files, reports
+and records.
+
 Splits are by case: a seeded hash ranks the cases and the first ``round(fraction * n)`` (at least
 one when n >= 2 and fraction > 0) go to ``validation``, so no case has slices in both splits,
 and adding a case does not move the others.
@@ -50,9 +55,9 @@ import logging
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -70,6 +75,25 @@ _LOG = logging.getLogger(__name__)
 
 class BuildError(RuntimeError):
     """The dataset cannot be built at all (no usable case, or options clash with a build)."""
+
+
+class PipelineBuild(Protocol):
+    """How to run both stages as pipelines (``input_pipeline.beam_build.BeamSettings``; Beam
+    is optional, so this module does not import it)."""
+
+    writes_records: bool       # stage 2 as a pipeline too (else tfds' in-process writer)
+
+    def pipeline_options(self) -> Any:
+        """The pipeline options tfds' writer runs stage 2 with."""
+
+    def prepare_cases(self, sources: list[CaseSource], work_dir: Path, options: BuildOptions, *,
+                      on_case_done: Callable[[CaseReport], None] | None,
+                      log: Callable[[str], None]) -> list[CaseReport]:
+        """Stage 1 of every source; the reports in source order."""
+
+    def records_transform(self, work_dir: Path, case_ids: list[str],
+                          first_records: list[int]) -> Any:
+        """Stage 2 of one split: a transform giving (record number, record) pairs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,29 +193,40 @@ def load_case_slices(path: Path) -> CaseSlices:
                           object_label=archive["object_label"], notes=meta["notes"])
 
 
+def prepare_case(source: CaseSource, cases_dir: Path, options: BuildOptions) -> CaseReport:
+    """Stage 1 for one case: reuse its work file when the fingerprint matches, else build it.
+
+    Never raises for a bad case (the report says why it was skipped); safe to run for
+    different cases in parallel processes (each writes only its own file, atomically).
+    """
+    start = time.perf_counter()
+    path = cases_dir / f"{source.case_id}.npz"
+    fingerprint = _case_fingerprint(source, options)
+    meta = _read_meta(path) if path.is_file() else None
+    if meta is not None and meta["fingerprint"] == fingerprint:
+        with np.load(path, allow_pickle=False) as archive:
+            report = CaseReport(source.case_id, str(source.image_path), "reused",
+                                slices=int(archive["slice_index"].shape[0]),
+                                objects=int(archive["object_label"].shape[0]),
+                                notes=meta["notes"])
+    else:
+        report = _build_case(source, path, fingerprint, options)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
 def prepare_cases(sources: list[CaseSource], work_dir: Path, options: BuildOptions, *,
                   on_case_done: Callable[[CaseReport], None] | None = None,
                   log: Callable[[str], None] = _LOG.info) -> list[CaseReport]:
-    """Stage 1 for every source (see the module docstring); returns one report per case."""
+    """Stage 1 for every source, one after the other in this process (see the module
+    docstring); returns one report per case."""
     cases_dir = work_dir / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     for number, source in enumerate(sources, start=1):
-        start = time.perf_counter()
-        path = cases_dir / f"{source.case_id}.npz"
-        fingerprint = _case_fingerprint(source, options)
-        meta = _read_meta(path) if path.is_file() else None
-        if meta is not None and meta["fingerprint"] == fingerprint:
-            with np.load(path, allow_pickle=False) as archive:
-                report = CaseReport(source.case_id, str(source.image_path), "reused",
-                                    slices=int(archive["slice_index"].shape[0]),
-                                    objects=int(archive["object_label"].shape[0]),
-                                    notes=meta["notes"])
-        else:
-            report = _build_case(source, path, fingerprint, options)
-        report.seconds = time.perf_counter() - start
+        report = prepare_case(source, cases_dir, options)
         reports.append(report)
-        log(_progress_line(number, len(sources), report))
+        log(progress_line(number, len(sources), report))
         if on_case_done is not None:
             on_case_done(report)
     return reports
@@ -221,7 +256,7 @@ def _build_case(source: CaseSource, path: Path, fingerprint: str,
                       slices=slices.num_slices, objects=slices.num_objects, notes=slices.notes)
 
 
-def _progress_line(number: int, total: int, report: CaseReport) -> str:
+def progress_line(number: int, total: int, report: CaseReport) -> str:
     head = f"[{number}/{total}] {report.case_id}: "
     if not report.ok:
         return head + f"SKIPPED ({report.error_type}) {report.message}"
@@ -273,9 +308,9 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Per-slice, per-object examples, split by case.",
                      "2.0.0": "One record per slice with its label map, split by case."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Pass the folder of cases as manual_dir: challenge .npz files (ROOT/*.npz or "
-        "ROOT/inputs/*.npz, ground truth inside or in ROOT/gts/) and/or NIfTI pairs "
-        "(ROOT/imagesTr + ROOT/labelsTr). See input_pipeline/sources.py.")
+        "Pass the folder of cases as manual_dir: challenge .npz files at any depth (ground "
+        "truth inside or in a gts/ folder beside them) and/or NIfTI pairs (imagesTr + "
+        "labelsTr folders at any depth). See input_pipeline/sources.py.")
     BUILDER_CONFIGS = [config_for_size(256)]
 
     @tfds.core.utils.classproperty
@@ -288,8 +323,15 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, options: BuildOptions | None = None, work_dir: str | Path | None = None,
                  on_case_done: Callable[[CaseReport], None] | None = None,
-                 log: Callable[[str], None] = _LOG.info, **kwargs: Any):
+                 log: Callable[[str], None] = _LOG.info,
+                 source_dirs: Sequence[str | Path] | None = None,
+                 beam: PipelineBuild | None = None, **kwargs: Any):
+        """source_dirs: the roots of the cases (default: the tfds manual dir alone).
+        beam: run stage 1 (and stage 2 when ``beam.writes_records``) as Beam pipelines
+        (:mod:`input_pipeline.beam_build`); None builds in this process."""
         self.options = options or BuildOptions()
+        self.source_dirs = [Path(d) for d in source_dirs] if source_dirs else None
+        self.beam = beam
         config = config_for_size(self.options.image_size)
         known = {c.name for c in self.BUILDER_CONFIGS}     # tfds wants those by name
         kwargs.setdefault("config", config.name if config.name in known else config)
@@ -323,22 +365,35 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         options = self.options
-        root = Path(dl_manager.manual_dir)
-        sources = discover_sources(root, default_modality=options.default_modality,
+        roots = self.source_dirs or [Path(dl_manager.manual_dir)]
+        where = ", ".join(str(r) for r in roots)
+        sources = discover_sources(roots, default_modality=options.default_modality,
                                    ct_window=options.ct_window)
         if not sources:
-            raise BuildError(f"no case found in {root} (see input_pipeline/sources.py for the "
+            raise BuildError(f"no case found in {where} (see input_pipeline/sources.py for the "
                              "layouts read)")
-        self._log(f"{len(sources)} case(s) in {root}; per-case work in {self.work_dir}")
-        self.reports = prepare_cases(sources, self.work_dir, options,
-                                     on_case_done=self._on_case_done, log=self._log)
+        self._log(f"{len(sources)} case(s) in {where}; per-case work in {self.work_dir}")
+        if self.beam is None:
+            self.reports = prepare_cases(sources, self.work_dir, options,
+                                         on_case_done=self._on_case_done, log=self._log)
+        else:
+            self.reports = self.beam.prepare_cases(sources, self.work_dir, options,
+                                                   on_case_done=self._on_case_done,
+                                                   log=self._log)
         built = [r.case_id for r in self.reports if r.ok]
         if not built:
-            raise BuildError(f"none of the {len(sources)} case(s) in {root} could be used; "
+            raise BuildError(f"none of the {len(sources)} case(s) in {where} could be used; "
                              "every one was skipped (see the log)")
-        splits = assign_splits(built, options.validation_fraction, options.split_seed)
-        return {split: self._generate_examples(split, cases)
-                for split, cases in splits.items() if cases}
+        splits = {split: cases for split, cases in assign_splits(
+            built, options.validation_fraction, options.split_seed).items() if cases}
+        if self.beam is None or not self.beam.writes_records:
+            return {split: self._generate_examples(split, cases)
+                    for split, cases in splits.items()}
+        transforms = {}
+        for split, cases in splits.items():
+            self.record_index[split], firsts = index_split(self.work_dir, cases)
+            transforms[split] = self.beam.records_transform(self.work_dir, cases, firsts)
+        return transforms
 
     def _generate_examples(self, split: str, case_ids: list[str]
                            ) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -362,28 +417,58 @@ def new_record_index(case_ids: list[str]) -> dict[str, list]:
             "object_record": [], "object_label": []}
 
 
+def add_case_to_index(index: dict[str, list], case_number: int, modality: str,
+                      slice_index: np.ndarray, object_slice: np.ndarray,
+                      object_label: np.ndarray) -> int:
+    """Append one case's records (one per slice, in order) to ``index``; returns the number
+    of its first record."""
+    first = len(index["case"])
+    index["case_modality"].append(modality)
+    index["case"].extend([case_number] * len(slice_index))
+    index["slice_index"].extend(int(z) for z in slice_index)
+    order = np.argsort(object_slice, kind="stable")    # objects by record, labels as stored
+    index["object_record"].extend(first + int(row) for row in object_slice[order])
+    index["object_label"].extend(int(v) for v in object_label[order])
+    return first
+
+
+def slice_record(slices: CaseSlices, row: int) -> dict[str, Any]:
+    """The record of row ``row`` of a case's slices (see the module docstring)."""
+    return {
+        "image": slices.images[row],
+        "image_hw": slices.image_hw[row],
+        "labels": slices.label_maps[row],
+        "num_objects": int(np.count_nonzero(slices.object_slice == row)),
+        "slice_index": int(slices.slice_index[row]),
+        "case_id": slices.case_id,
+        "modality": slices.modality,
+    }
+
+
 def case_records(slices: CaseSlices, case_number: int, index: dict[str, list]
                  ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The (key, record) pairs of one case in storage order, appended to ``index`` as they go."""
-    index["case_modality"].append(slices.modality)
-    counts = np.bincount(slices.object_slice, minlength=slices.num_slices)
+    """The (key, record) pairs of one case in storage order; the case is added to ``index``."""
+    add_case_to_index(index, case_number, slices.modality, slices.slice_index,
+                      slices.object_slice, slices.object_label)
     for row in range(slices.num_slices):
-        record = len(index["case"])
-        slice_index = int(slices.slice_index[row])
-        labels = slices.object_label[slices.object_slice == row]
-        index["case"].append(case_number)
-        index["slice_index"].append(slice_index)
-        index["object_record"].extend([record] * len(labels))
-        index["object_label"].extend(int(v) for v in labels)
-        yield f"{slices.case_id}/{slice_index:05d}", {
-            "image": slices.images[row],
-            "image_hw": slices.image_hw[row],
-            "labels": slices.label_maps[row],
-            "num_objects": int(counts[row]),
-            "slice_index": slice_index,
-            "case_id": slices.case_id,
-            "modality": slices.modality,
-        }
+        yield f"{slices.case_id}/{int(slices.slice_index[row]):05d}", slice_record(slices, row)
+
+
+def load_case_index(path: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(modality, slice_index, object_slice, object_label) of a work file, without reading
+    its images or label maps (npz members are read one by one)."""
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive["meta"]))
+        return (meta["modality"], archive["slice_index"], archive["object_slice"],
+                archive["object_label"])
+
+
+def index_split(work_dir: Path, case_ids: list[str]) -> tuple[dict[str, list], list[int]]:
+    """The record index of a split from the work files alone, and each case's first record."""
+    index = new_record_index(case_ids)
+    firsts = [add_case_to_index(index, number, *load_case_index(
+        work_dir / "cases" / f"{case_id}.npz")) for number, case_id in enumerate(case_ids)]
+    return index, firsts
 
 
 def write_record_index(dataset_dir: Path, split: str, index: dict[str, list]) -> None:
@@ -414,12 +499,30 @@ def _remove_stale_incomplete_dirs(version_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def build_dataset(source_dir: str | Path, data_dir: str | Path,
+def _remove_stale_temporaries(work_dir: Path) -> None:
+    """A killed build leaves the work files it was writing as hidden temporaries
+    (``.tmp-<random>-<case>.npz``, never read as work files); remove them."""
+    for folder in (work_dir / "cases", work_dir / "reports"):
+        if folder.is_dir():
+            for stale in folder.glob(".tmp-*"):
+                stale.unlink(missing_ok=True)
+
+
+def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str | Path,
                   options: BuildOptions | None = None, *, work_dir: str | Path | None = None,
                   overwrite: bool = False,
                   on_case_done: Callable[[CaseReport], None] | None = None,
-                  log: Callable[[str], None] = _LOG.info) -> BuildResult:
-    """Build (or resume building) the dataset of ``source_dir`` under ``data_dir``.
+                  log: Callable[[str], None] = _LOG.info,
+                  beam: PipelineBuild | None = None,
+                  num_shards: int | None = None) -> BuildResult:
+    """Build (or resume building) the dataset of the cases under ``source_dir`` (one folder or
+    several) in ``data_dir``.
+
+    beam: run the build as Beam pipelines (:mod:`input_pipeline.beam_build`: DirectRunner
+    worker processes or a cluster runner; the records are written in this process unless
+    ``beam.writes_records``); None (the default) builds in this process. All give the same
+    records in the same order. num_shards: array_record files per split (None:
+    tfds sizes them, 64 MiB to 1 GiB each); the record order does not depend on it.
 
     Returns where it is and what happened to every case; the report is also written to
     ``<dataset_dir>/build_report.json``. An existing dataset built with the same options is
@@ -427,8 +530,11 @@ def build_dataset(source_dir: str | Path, data_dir: str | Path,
     other options raises BuildError.
     """
     options = options or BuildOptions()
+    roots = ([Path(source_dir)] if isinstance(source_dir, (str, Path))
+             else [Path(d) for d in source_dir])
     builder = MedSamSlices(options=options, work_dir=work_dir, on_case_done=on_case_done,
-                           log=log, data_dir=str(data_dir), file_format="array_record")
+                           log=log, source_dirs=roots, beam=beam, data_dir=str(data_dir),
+                           file_format="array_record")
     dataset_dir = Path(builder.data_dir)
     params_path = dataset_dir / "build_params.json"
     # build_params.json is written last: without it a prepared tfds dataset is incomplete.
@@ -445,11 +551,14 @@ def build_dataset(source_dir: str | Path, data_dir: str | Path,
                            reused_existing=True)
 
     _remove_stale_incomplete_dirs(dataset_dir)
+    _remove_stale_temporaries(builder.work_dir)
     modes = tfds.download.GenerateMode
     mode = (modes.REUSE_CACHE_IF_EXISTS if overwrite or builder.is_prepared()
             else modes.REUSE_DATASET_IF_EXISTS)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(source_dir), download_mode=mode, try_download_gcs=False))
+        manual_dir=str(roots[0]), download_mode=mode, try_download_gcs=False,
+        num_shards=num_shards,
+        beam_options=beam.pipeline_options() if beam and beam.writes_records else None))
 
     split_sizes, object_counts = {}, {}
     for split, index in builder.record_index.items():

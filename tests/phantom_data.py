@@ -16,3 +16,24 @@ def build_2d_phantoms(root: Path, n2d: int):
     return build_dataset(cases.inputs_dir.parent, root / "tfds",
                          BuildOptions(image_size=32, validation_fraction=0.25),
                          log=lambda message: None)
+
+
+def write_nested_corpus(root: Path, flat: Path, n2d: int = 3, n3d: int = 1,
+                        seed: int = 0) -> list[str]:
+    """Phantom cases re-laid as the challenge's training release: ``root/<Modality>/
+    <Modality>Set/<name>.npz`` with ``imgs`` and ``gts`` in one file (written first under
+    ``flat`` in the evaluation layout). Returns the case names."""
+    import numpy as np
+    from input_pipeline.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(flat, n2d=n2d, n3d=n3d, seed=seed, size_2d=(24, 32),
+                          shape_3d=(4, 24, 24))
+    names = []
+    for path in sorted((flat / "inputs").glob("*.npz")):
+        with np.load(path) as image, np.load(flat / "gts" / path.name) as truth:
+            modality = path.stem.split("_")[1]
+            target = root / modality / f"{modality}Set" / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(target, imgs=image["imgs"], gts=truth["gts"])
+        names.append(path.stem)
+    return names

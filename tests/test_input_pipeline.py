@@ -212,13 +212,16 @@ def test_an_interrupted_build_resumes_without_redoing_finished_cases(built, tmp_
     stale = version_dir.parent / "incomplete.ABC123_2.0.0"
     stale.mkdir(parents=True)
     (stale / "junk").write_text("half written")
+    # A kill in stage 1 leaves the temporary of the work file being written; it goes too.
+    partial = data_dir / "med_sam_slices_work" / "size256" / "cases" / ".tmp-0123ab-x.npz"
+    partial.write_bytes(b"half written")
 
     lines = []
     resumed = build_dataset(source, data_dir, OPTIONS, log=lines.append)
     statuses = {r.case_id: r.status for r in resumed.reports}
     assert {c for c, s in statuses.items() if s == "reused"} == set(done)
     assert {c for c, s in statuses.items() if s == "built"} == set(statuses) - set(done)
-    assert not stale.exists()
+    assert not stale.exists() and not partial.exists()
     assert any("[1/8]" in line for line in lines)          # progress is reported per case
     a, b = _all_records(reference.dataset_dir), _all_records(resumed.dataset_dir)
     for split in a:
