@@ -29,13 +29,18 @@ i*b .. (i+1)*b - 1 of every global batch of n*b (:class:`ProcessSliceSampler`), 
 per-example augmentation seed. So n hosts train on exactly the batches one host would, and a
 run's data does not depend on the number of hosts. The indices are passed in as ints, so a test
 can play several hosts in one process.
+
+Several datasets: pass an ``input_pipeline.mixture.Mixture`` (or a list of its ``Source``)
+instead of a dataset folder; an epoch is then one pass over the mixture's table (each source's
+selected slices, or their objects), and every batch also carries ``source``. Everything else
+(hosts, workers, resumption) is the same.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ import numpy as np
 from input_pipeline.augment import NO_AUGMENT, AugmentConfig, augment_example, box_from_mask
 from input_pipeline.examples import slice_objects, student_image
 from input_pipeline.grain_workers import allow_worker_processes
+from input_pipeline.mixture import Mixture, MixtureSource, Source
 from input_pipeline.tfds_builder import open_split, read_record_index
 
 SAMPLINGS = ("slice", "object")
@@ -216,14 +222,32 @@ class ProcessSliceSampler:
                 f"{self.process_count}, batch {self.batch_size})")
 
 
-def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: int = 0,
+def data_source(data: str | Path | Mixture | Sequence[Source], split: str | None,
+                teacher_cache_dir: str | Path | None = None,
+                sampling: str = "slice") -> ExampleSource | MixtureSource:
+    """The grain source of ``make_loader``: one split of a dataset folder, or a mixture (whose
+    sources name their own splits and teacher caches, so ``split`` and ``teacher_cache_dir``
+    must then be None)."""
+    if isinstance(data, (str, os.PathLike)):
+        if split is None:
+            raise ValueError(f"make_loader({str(data)!r}): give the split to read")
+        return ExampleSource(data, split, teacher_cache_dir, sampling)
+    if split is not None or teacher_cache_dir is not None:
+        raise ValueError("a mixture's sources name their own split and teacher cache: pass "
+                         "split=None and teacher_cache_dir=None")
+    return MixtureSource(data, sampling)
+
+
+def make_loader(data: str | Path | Mixture | Sequence[Source], split: str | None = None, *,
+                batch_size: int, seed: int = 0,
                 augment: AugmentConfig | None = None, shuffle: bool = True,
                 num_epochs: int | None = None, worker_count: int = 0,
                 worker_buffer_size: int = 2, process_index: int = 0, process_count: int = 1,
                 drop_remainder: bool = True, read_threads: int = 4, read_buffer: int = 32,
                 teacher_cache_dir: str | Path | None = None,
                 device_images: bool = False, sampling: str = "slice") -> grain.DataLoader:
-    """The grain DataLoader of one split (see the module docstring).
+    """The grain DataLoader of one split of a dataset folder, or of a mixture (see the module
+    docstring).
 
     sampling: "slice" (one pass over slices per epoch, one object drawn per slice) or "object"
     (one pass over every object).
@@ -236,7 +260,7 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    source = ExampleSource(dataset_dir, split, teacher_cache_dir, sampling)
+    source = data_source(data, split, teacher_cache_dir, sampling)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
         shard_options=grain.sharding.ShardOptions(shard_index=0, shard_count=1,

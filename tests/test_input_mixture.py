@@ -1,0 +1,281 @@
+"""Several datasets mixed with per-source fractions and modality filters
+(``input_pipeline.mixture``), through the loader and the training config.
+
+Two small built phantom datasets: "challenge" (CT, MR, US, endoscopy 2D cases and CT / MR 3D
+volumes) and "extra" (CT only). Expected counts come from the record indexes read here with
+NumPy (``records-<split>.npz``) and the rules written out by hand: fraction f of n slices is
+floor(f) copies of each plus round-half-up(frac(f) * n) distinct slices once more.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from input_pipeline.augment import FINETUNE_AUGMENT
+from input_pipeline.loader import make_loader, restore_iterator, save_iterator_state
+from input_pipeline.mixture import (Mixture, MixtureError, MixtureSource, Source,
+                                    mixture_table)
+from input_pipeline.phantoms import write_phantom_dataset
+from input_pipeline.tfds_builder import BuildOptions, build_dataset
+
+
+def _build(root: Path, name: str, n2d: int, n3d: int, modalities_2d, modalities_3d) -> Path:
+    cases = write_phantom_dataset(root / name / "cases", n2d=n2d, n3d=n3d, seed=1, size_2d=48,
+                                  shape_3d=(6, 40, 40), modalities_2d=modalities_2d,
+                                  modalities_3d=modalities_3d)
+    result = build_dataset(cases.inputs_dir.parent, root / name / "tfds",
+                           BuildOptions(image_size=32, validation_fraction=0.25),
+                           log=lambda message: None)
+    return Path(result.dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mixture")
+    return {"challenge": _build(root, "challenge", 12, 4, ("CT", "MR", "US", "Endoscopy"),
+                                ("CT", "MR")),
+            "extra": _build(root, "extra", 4, 1, ("CT",), ("CT",))}
+
+
+def _index(dataset_dir: Path, split: str = "train") -> dict[str, np.ndarray]:
+    with np.load(dataset_dir / f"records-{split}.npz") as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _record_modality(dataset_dir: Path, split: str = "train") -> np.ndarray:
+    index = _index(dataset_dir, split)
+    return index["case_modality"][index["case"]]
+
+
+def _round_half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def _paper_like(datasets, seed: int = 0) -> Mixture:
+    """Challenge without CT, half of the challenge's CT, the extra CT twice."""
+    challenge, extra = str(datasets["challenge"]), str(datasets["extra"])
+    return Mixture((Source(challenge, exclude_modalities=("CT",)),
+                    Source(challenge, modalities=("CT",), fraction=0.5),
+                    Source(extra, fraction=2.0)), seed=seed)
+
+
+def _rows(table, number: int) -> collections.Counter:
+    return collections.Counter(table.record[table.source == number].tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+def test_table_holds_the_expected_slices_per_source_and_modality(datasets):
+    modality = _record_modality(datasets["challenge"])
+    ct = set(np.flatnonzero(modality == "CT").tolist())
+    not_ct = set(np.flatnonzero(modality != "CT").tolist())
+    extra = len(_record_modality(datasets["extra"]))
+    assert len(ct) >= 5 and len(not_ct) >= 5 and {"MR", "US"} <= set(modality.tolist())
+    table = mixture_table(_paper_like(datasets))
+
+    assert _rows(table, 0) == {r: 1 for r in not_ct}                # every non-CT slice once
+    half = _rows(table, 1)
+    assert len(half) == _round_half_up(0.5 * len(ct))               # distinct slices
+    assert set(half) <= ct and set(half.values()) == {1}            # CT only, each once
+    assert _rows(table, 2) == {r: 2 for r in range(extra)}          # every slice twice
+    assert table.rows_per_source().tolist() == [len(not_ct), _round_half_up(0.5 * len(ct)),
+                                                2 * extra]
+    assert not table.label.any()                                    # drawn later
+
+
+def test_object_sampling_lists_every_object_of_each_selected_slice(datasets):
+    mixture = _paper_like(datasets)
+    slices = mixture_table(mixture, "slice")
+    objects = mixture_table(mixture, "object")
+    for number, source in enumerate(mixture.sources):
+        index = _index(Path(source.dataset_dir))
+        selected = _rows(slices, number)
+        expected = collections.Counter()
+        for record, label in zip(index["object_record"].tolist(),
+                                 index["object_label"].tolist()):
+            expected[(record, label)] += selected.get(record, 0)
+        rows = objects.source == number
+        found = collections.Counter(zip(objects.record[rows].tolist(),
+                                        objects.label[rows].tolist()))
+        assert found == +expected and len(found) > len(selected)
+
+
+def test_fractions_above_one_repeat_every_slice_and_a_seeded_subset(datasets):
+    dataset = str(datasets["extra"])
+    n = len(_record_modality(datasets["extra"]))
+    counts = _rows(mixture_table(Mixture((Source(dataset, fraction=1.5),))), 0)
+    assert set(counts) == set(range(n))
+    assert sorted(counts.values()) == [1] * (n - _round_half_up(0.5 * n)) + [2] * _round_half_up(
+        0.5 * n)
+    assert _rows(mixture_table(Mixture((Source(dataset),))), 0) == {r: 1 for r in range(n)}
+
+
+def test_the_subset_is_seeded(datasets):
+    def subset(seed):
+        return set(_rows(mixture_table(_paper_like(datasets, seed)), 1))
+
+    first = subset(0)
+    assert subset(0) == first
+    others = [subset(seed) for seed in (1, 2, 3)]
+    assert all(len(s) == len(first) for s in others)
+    assert any(s != first for s in others)       # 3 draws of C(n, n/2) subsets: all equal ~ 0
+
+
+def test_bad_mixtures_are_refused_with_clear_errors(datasets):
+    challenge = str(datasets["challenge"])
+    with pytest.raises(MixtureError, match=r"no modality \['PET'\].*'CT', 'Endoscopy', 'MR'"):
+        mixture_table(Mixture((Source(challenge, modalities=("CT", "PET")),)))
+    with pytest.raises(MixtureError, match="no modality"):
+        mixture_table(Mixture((Source(challenge, exclude_modalities="ct"),)))
+    with pytest.raises(MixtureError, match="at least one source"):
+        Mixture(())
+    for fraction in (0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(MixtureError, match="fraction must be a finite number > 0"):
+            Source(challenge, fraction=fraction)
+    with pytest.raises(MixtureError, match="not both"):
+        Source(challenge, modalities=("CT",), exclude_modalities=("MR",))
+    with pytest.raises(MixtureError, match="selects no slice"):
+        mixture_table(Mixture((Source(challenge, fraction=0.001),)))
+    with pytest.raises(MixtureError, match="selects no slice"):
+        mixture_table(Mixture((Source(challenge, exclude_modalities=(
+            "CT", "MR", "US", "Endoscopy")),)))
+    with pytest.raises(MixtureError, match="records-test.npz does not exist"):
+        mixture_table(Mixture((Source(challenge, split="test"),)))
+    with pytest.raises(MixtureError, match=r"sources \[1\] have none"):
+        Mixture((Source(challenge, teacher_cache_dir="cache"), Source(challenge)))
+
+
+# --------------------------------------------------------------------------------------------
+# The loader over a mixture
+# --------------------------------------------------------------------------------------------
+
+def _stream(loader) -> list[tuple[int, int, int]]:
+    return [(int(s), int(i), int(k))
+            for b in loader for s, i, k in zip(b["source"], b["index"], b["label"])]
+
+
+def test_one_epoch_shows_each_selected_slice_its_number_of_times(datasets):
+    mixture = _paper_like(datasets)
+    modality = _record_modality(datasets["challenge"])
+    extra = len(_record_modality(datasets["extra"]))
+    loader = make_loader(mixture, batch_size=2, seed=3, num_epochs=1, drop_remainder=False)
+    stream = _stream(loader)
+    seen = collections.Counter((s, i) for s, i, _ in stream)
+    chosen_ct = {i for s, i in seen if s == 1}
+    expected = collections.Counter({(0, r): 1 for r in np.flatnonzero(modality != "CT")})
+    expected.update({(1, r): 1 for r in chosen_ct})
+    expected.update({(2, r): 2 for r in range(extra)})
+    assert seen == expected
+    assert len(chosen_ct) == _round_half_up(0.5 * np.sum(modality == "CT"))
+    assert all(modality[r] == "CT" for r in chosen_ct)
+    # The object drawn each time belongs to that slice of that source.
+    objects = [collections.defaultdict(set) for _ in mixture.sources]
+    for number, source in enumerate(mixture.sources):
+        index = _index(Path(source.dataset_dir))
+        for record, label in zip(index["object_record"], index["object_label"]):
+            objects[number][int(record)].add(int(label))
+    assert all(k in objects[s][i] for s, i, k in stream)
+    # The same mixture walked by objects: every object of every selected slice, as often.
+    by_object = _stream(make_loader(mixture, batch_size=2, seed=3, num_epochs=1,
+                                    drop_remainder=False, sampling="object"))
+    table = mixture_table(mixture, "object")
+    assert collections.Counter(by_object) == collections.Counter(
+        zip(table.source.tolist(), table.record.tolist(), table.label.tolist()))
+    assert {(s, i) for s, i, _ in by_object} == set(seen)
+
+
+def test_a_one_source_mixture_reads_what_the_dataset_reads(datasets):
+    """Fraction 1 without filters is the dataset itself: the same batches, plus ``source``."""
+    dataset = datasets["challenge"]
+    single = make_loader(dataset, "train", batch_size=3, seed=5, augment=FINETUNE_AUGMENT)
+    mixed = make_loader(Mixture((Source(dataset),), seed=9), batch_size=3, seed=5,
+                        augment=FINETUNE_AUGMENT)
+    for a, b in zip(_take(iter(single), 3), _take(iter(mixed), 3)):
+        assert not b["source"].any()
+        b = {k: v for k, v in b.items() if k != "source"}
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def _same_batches(a, b):
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def test_iteration_over_a_mixture_resumes_exactly_also_when_moved(datasets, tmp_path):
+    def make(mixture):
+        return make_loader(mixture, batch_size=3, seed=11, augment=FINETUNE_AUGMENT)
+
+    mixture = _paper_like(datasets)
+    iterator = iter(make(mixture))
+    _take(iterator, 4)
+    save_iterator_state(iterator, tmp_path / "state")
+    expected = _take(iterator, 3)
+    assert _same_batches(_take(restore_iterator(make(mixture), tmp_path / "state"), 3),
+                         expected)
+    # The extra dataset copied to another folder: the state names data, not paths.
+    moved = tmp_path / "elsewhere" / Path(datasets["extra"]).relative_to(
+        Path(datasets["extra"]).parents[2])
+    shutil.copytree(datasets["extra"], moved)
+    relocated = dataclasses.replace(mixture, sources=mixture.sources[:2] + (
+        dataclasses.replace(mixture.sources[2], dataset_dir=str(moved)),))
+    assert _same_batches(_take(restore_iterator(make(relocated), tmp_path / "state"), 3),
+                         expected)
+    # A mixture of as many rows but other data is refused: another subset seed, or another
+    # dataset under the same name/config/version (told apart by its record index's digest).
+    with pytest.raises(ValueError, match="data source"):
+        restore_iterator(make(dataclasses.replace(mixture, seed=1)), tmp_path / "state")
+    extra = Mixture((Source(str(datasets["extra"])),))
+    rows = len(mixture_table(extra))
+    impostor = Mixture((Source(str(datasets["challenge"]),
+                               fraction=rows / len(_record_modality(datasets["challenge"]))),))
+    assert len(mixture_table(impostor)) == rows
+    iterator = iter(make(extra))
+    _take(iterator, 1)
+    save_iterator_state(iterator, tmp_path / "extra_state")
+    with pytest.raises(ValueError, match="data source"):
+        restore_iterator(make(impostor), tmp_path / "extra_state")
+
+
+def test_hosts_read_disjoint_equal_shares_of_a_mixture(datasets):
+    mixture = _paper_like(datasets)
+    total = len(MixtureSource(mixture))
+    shares = []
+    for host in range(2):
+        loader = make_loader(mixture, batch_size=2, seed=0, num_epochs=1, process_index=host,
+                             process_count=2)
+        shares.append(collections.Counter((s, i) for s, i, _ in _stream(loader)))
+    assert sum(shares[0].values()) == sum(shares[1].values()) == (total // 4) * 2
+    both = shares[0] + shares[1]
+    single = collections.Counter((s, i) for s, i, _ in _stream(
+        make_loader(mixture, batch_size=4, seed=0, num_epochs=1)))
+    assert both == single                       # two hosts read what one host reads
+
+
+@pytest.mark.slow
+def test_iteration_over_a_mixture_with_worker_processes_resumes_exactly(datasets):
+    mixture = _paper_like(datasets)
+
+    def make():
+        return make_loader(mixture, batch_size=2, seed=3, augment=FINETUNE_AUGMENT,
+                           worker_count=2)
+
+    iterator = iter(make())
+    _take(iterator, 3)
+    state = iterator.get_state()
+    expected = _take(iterator, 2)
+    resumed = iter(make())
+    resumed.set_state(state)
+    assert _same_batches(_take(resumed, 2), expected)
