@@ -279,3 +279,108 @@ def test_iteration_over_a_mixture_with_worker_processes_resumes_exactly(datasets
     resumed = iter(make())
     resumed.set_state(state)
     assert _same_batches(_take(resumed, 2), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# The training config: data.sources
+# --------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(datasets, **data):
+    from rep_medsam_jax.training.config import (DataSection, DataSource, ModelSection,
+                                                TrainConfig)
+    from rep_medsam_jax.training.optim import OptimConfig
+
+    challenge, extra = str(datasets["challenge"]), str(datasets["extra"])
+    sources = (DataSource(challenge, exclude_modalities=("CT",)),
+               DataSource(challenge, modalities=("CT",), fraction=0.5),
+               DataSource(extra, fraction=2.0))
+    return TrainConfig(
+        name="mixture", stage="seg", model=ModelSection(preset="rep_medsam_tiny", image_size=32),
+        data=DataSection(**{"sources": sources, "augment": "finetune", "box_shift": 2, **data}),
+        optim=OptimConfig(learning_rate=1e-3, clip="none"), batch_size=4, total_steps=2,
+        eval_every_steps=2, eval_max_batches=1, log_every_steps=1, progress_bar=False,
+        export_model=False, async_checkpoints=False)
+
+
+def test_sources_round_trip_through_config_dicts_json_and_overrides(datasets):
+    import json
+
+    from rep_medsam_jax.training.config import (DataSource, TrainConfig, apply_overrides,
+                                                as_config_dict, from_config_dict)
+
+    config = _config(datasets)
+    assert from_config_dict(as_config_dict(config)) == config
+    assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    text = json.dumps([{"dataset_dir": "D", "modalities": ["CT"], "fraction": 0.2}])
+    changed = apply_overrides(config, [f"data.sources={text}"])
+    assert changed.data.sources == (DataSource("D", modalities=("CT",), fraction=0.2),)
+
+
+def test_train_cli_takes_sources_on_the_command_line(datasets, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    challenge = str(datasets["challenge"])
+    sources = (f"({{'dataset_dir': {challenge!r}, 'exclude_modalities': ('CT',)}}, "
+               f"{{'dataset_dir': {challenge!r}, 'modalities': ('CT',), 'fraction': 0.2}})")
+    run = subprocess.run([sys.executable, "train.py", "--config", "configs/finetune.py",
+                          "--workdir", str(tmp_path / "w"), "--print_config",
+                          f"--config.data.sources={sources}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed = json.loads(run.stdout)["data"]["sources"]
+    assert [(s["dataset_dir"], s["modalities"], s["exclude_modalities"], s["fraction"])
+            for s in printed] == [(challenge, [], ["CT"], 1.0), (challenge, ["CT"], [], 0.2)]
+
+
+def test_config_checks_each_source(datasets, tmp_path):
+    from rep_medsam_jax.training.config import ConfigError, DataSource, validate
+
+    validate(_config(datasets))
+    challenge = str(datasets["challenge"])
+    cases = [
+        (dict(sources=(DataSource(challenge, modalities=("PET",)),)),
+         r"data.sources: source 0 .* no modality \['PET'\]"),
+        (dict(sources=(DataSource(challenge), DataSource(str(tmp_path / "nowhere"))),),
+         r"data.sources\[1\].dataset_dir .*nowhere does not exist"),
+        (dict(sources=(DataSource(challenge, fraction=0.0),)), "fraction must be"),
+        (dict(dataset_dir=challenge), "not both"),
+        (dict(eval_dataset_dir=str(tmp_path)), "data.eval_dataset_dir .* not a built dataset"),
+    ]
+    for data, message in cases:
+        config = _config(datasets, **data)
+        with pytest.raises(ConfigError, match=message):
+            validate(config)
+    distill = dataclasses.replace(_config(datasets, augment="distill"), stage="distill")
+    distill = dataclasses.replace(distill, optim=dataclasses.replace(
+        distill.optim, trainable=("image_encoder",)))
+    with pytest.raises(ConfigError, match=r"needs data.sources\[0\].teacher_cache_dir"):
+        validate(distill)
+
+
+def test_make_loaders_reads_the_mixture_and_evaluates_on_the_first_source(datasets, tmp_path):
+    from rep_medsam_jax.training.loop import make_loaders, prepare_dataset
+
+    config = _config(datasets)
+    modality = _record_modality(datasets["challenge"])
+    expected_rows = (np.sum(modality != "CT") + _round_half_up(0.5 * np.sum(modality == "CT"))
+                     + 2 * len(_record_modality(datasets["extra"])))
+    lines = []
+    dataset_dir = prepare_dataset(config, tmp_path)
+    train, eval_iterator, train_size, eval_size = make_loaders(config, dataset_dir, 4,
+                                                               log=lines.append)
+    assert train_size == expected_rows
+    assert eval_size == len(_index(datasets["challenge"], "validation")["object_record"])
+    half_ct = _round_half_up(0.5 * np.sum(modality == "CT"))
+    assert len(lines) == 3 and lines[1].endswith(f": {half_ct} rows (CT {half_ct})")
+    batch = next(iter(train))
+    assert batch["image"].shape == (4, 32, 32, 3) and set(batch["source"]) <= {0, 1, 2}
+    assert sum(b["mask"].shape[0] for b in eval_iterator()) == eval_size
+    # An explicit evaluation dataset.
+    other = _config(datasets, eval_dataset_dir=str(datasets["extra"]))
+    *_, other_eval_size = make_loaders(other, prepare_dataset(other, tmp_path), 4)
+    assert other_eval_size == len(_index(datasets["extra"], "validation")["object_record"])
