@@ -50,7 +50,7 @@ import numpy as np
 from input_pipeline.augment import NO_AUGMENT, AugmentConfig, augment_example, box_from_mask
 from input_pipeline.examples import slice_objects, student_image
 from input_pipeline.grain_workers import allow_worker_processes
-from input_pipeline.mixture import Mixture, MixtureSource, Source
+from input_pipeline.mixture import Mixture, Source, mixture_table
 from input_pipeline.tfds_builder import open_split, read_record_index
 
 SAMPLINGS = ("slice", "object")
@@ -112,6 +112,42 @@ class ExampleSource:
         return (f"ExampleSource(dataset={name!r}, split={self.split!r}, "
                 f"records={len(self._records)}, sampling={self.sampling!r}, "
                 f"teacher_cache={self._teacher is not None})")
+
+
+class MixtureSource:
+    """grain random-access source over a mixture's table (``input_pipeline.mixture``).
+
+    ``source[i]`` is row i's record from its source's ``ExampleSource`` with ``label`` (0 with
+    sampling "slice") and ``source`` (int32) set; ``index`` is the record in its own split.
+    Picklable (grain sends it to worker processes).
+    """
+
+    def __init__(self, mixture: Mixture | Sequence[Source], sampling: str = "slice"):
+        self.mixture = mixture if isinstance(mixture, Mixture) else Mixture(tuple(mixture))
+        self.sampling = sampling
+        self.table = mixture_table(self.mixture, sampling)
+        self._sources = [ExampleSource(s.dataset_dir, s.split, s.teacher_cache_dir, "slice")
+                         for s in self.mixture.sources]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        number = int(self.table.source[index])
+        record = self._sources[number][int(self.table.record[index])]
+        record["label"] = np.int32(self.table.label[index])
+        record["source"] = np.int32(number)
+        return record
+
+    def __repr__(self) -> str:
+        # grain compares repr() when restoring an iterator state: name each source by its
+        # dataset's name/config/version and a digest of its record index, never its path, so
+        # that a moved dataset resumes and another dataset with the same name does not.
+        sources = "; ".join(
+            f"{s.describe()} [{fingerprint}] teacher_cache={s.teacher_cache_dir is not None}"
+            for s, fingerprint in zip(self.mixture.sources, self.table.fingerprints))
+        return (f"MixtureSource(seed={self.mixture.seed}, sampling={self.sampling!r}, "
+                f"rows={len(self.table)}, sources=[{sources}])")
 
 
 def choose_object(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:

@@ -28,9 +28,10 @@ The rules (all decided once, from the ``records-<split>.npz`` indexes; no image 
   comes up); with "object" each selected slice contributes one row per object (as often as the
   slice is selected). An epoch of the loader is one pass over the table in a seeded order.
 
-:class:`MixtureSource` is the grain random-access source over the table: each source is an
-``ExampleSource`` (with the source's teacher cache), and every example carries ``source`` (its
-number) beside ``index`` (the record in its own split).
+``input_pipeline.loader.MixtureSource`` is the grain random-access source over the table: each
+source is an ``ExampleSource`` (with the source's teacher cache), and every example carries
+``source`` (its number) beside ``index`` (the record in its own split). This module reads only
+the record indexes (no grain), so the training config checks a mixture in a second.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -227,43 +227,3 @@ def describe_table(mixture: Mixture, table: MixtureTable,
         shown = ", ".join(f"{n} {c}" for n, c in zip(names.tolist(), counts.tolist()))
         lines.append(f"source {number} {source.describe()}: {records.size} rows ({shown})")
     return lines
-
-
-class MixtureSource:
-    """grain random-access source over a mixture's table (see the module docstring).
-
-    ``source[i]`` is row i's record from its source's ``ExampleSource`` with ``label`` (0 with
-    sampling "slice") and ``source`` (int32) set; ``index`` is the record in its own split.
-    Picklable (grain sends it to worker processes).
-    """
-
-    def __init__(self, mixture: Mixture | Sequence[Source], sampling: str = "slice"):
-        # The loader imports this module; importing it back here keeps the description and the
-        # table importable without grain (the training config checks them).
-        from input_pipeline.loader import ExampleSource  # noqa: PLC0415
-
-        self.mixture = mixture if isinstance(mixture, Mixture) else Mixture(tuple(mixture))
-        self.sampling = sampling
-        self.table = mixture_table(self.mixture, sampling)
-        self._sources = [ExampleSource(s.dataset_dir, s.split, s.teacher_cache_dir, "slice")
-                         for s in self.mixture.sources]
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        number = int(self.table.source[index])
-        record = self._sources[number][int(self.table.record[index])]
-        record["label"] = np.int32(self.table.label[index])
-        record["source"] = np.int32(number)
-        return record
-
-    def __repr__(self) -> str:
-        # grain compares repr() when restoring an iterator state: name each source by its
-        # dataset's name/config/version and a digest of its record index, never its path, so
-        # that a moved dataset resumes and another dataset with the same name does not.
-        sources = "; ".join(
-            f"{s.describe()} [{fingerprint}] teacher_cache={s.teacher_cache_dir is not None}"
-            for s, fingerprint in zip(self.mixture.sources, self.table.fingerprints))
-        return (f"MixtureSource(seed={self.mixture.seed}, sampling={self.sampling!r}, "
-                f"rows={len(self.table)}, sources=[{sources}])")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from input_pipeline.augment import FINETUNE_AUGMENT
-from input_pipeline.loader import make_loader, restore_iterator, save_iterator_state
-from input_pipeline.mixture import (Mixture, MixtureError, MixtureSource, Source,
-                                    mixture_table)
+from input_pipeline.loader import (MixtureSource, make_loader, restore_iterator,
+                                   save_iterator_state)
+from input_pipeline.mixture import Mixture, MixtureError, Source, mixture_table
 from input_pipeline.phantoms import write_phantom_dataset
 from input_pipeline.tfds_builder import BuildOptions, build_dataset
 
