@@ -128,7 +128,8 @@ def make_loaders(config: TrainConfig, dataset_dir: Path, per_process_batch: int,
     evaluation reads the eval split of ``data.eval_dataset_dir``, else of ``dataset_dir``
     (with sources: the first source's dataset, every object, no fraction or filter)."""
     from input_pipeline.loader import ExampleSource, make_loader  # noqa: PLC0415
-    from input_pipeline.mixture import describe_table, mixture_table  # noqa: PLC0415
+    from input_pipeline.mixture import (describe_table, mixture_table,  # noqa: PLC0415
+                                        read_indexes)
 
     data = config.data
     from_cache = config.stage == "distill" and config.teacher.source == "cache"
@@ -147,9 +148,10 @@ def make_loaders(config: TrainConfig, dataset_dir: Path, per_process_batch: int,
     # An epoch: every slice once (sampling "slice") or every object once ("object"); over a
     # mixture, every row of its table once. The evaluation scores every object of the split.
     if data.sources:
-        table = mixture_table(train_data, data.sampling)
+        indexes = read_indexes(train_data)
+        table = mixture_table(train_data, data.sampling, indexes)
         train_size = len(table)
-        for line in describe_table(train_data, table):
+        for line in describe_table(train_data, table, indexes):
             (log or _LOG.info)(line)
     else:
         train_size = len(ExampleSource(dataset_dir, data.train_split, sampling=data.sampling))
