@@ -287,6 +287,47 @@ def test_iteration_over_a_mixture_with_worker_processes_resumes_exactly(datasets
     assert _same_batches(_take(resumed, 2), expected)
 
 
+@pytest.fixture(scope="module")
+def caches(datasets, tmp_path_factory) -> dict[str, Path]:
+    """A teacher cache of each dataset's train split whose embeddings are constant per slice:
+    1 + (the teacher input's mean) for the challenge set, 2 + (its mean) for the extra set (a
+    stand-in encode function; the ViT itself is tested in tests/test_input_teacher_cache.py)."""
+    from input_pipeline.teacher_cache import Teacher, build_teacher_cache
+    from rep_medsam_jax.models.config import VIT_VARIANTS
+
+    teacher = Teacher(VIT_VARIANTS["vit_tiny"], {}, "stand-in")
+    root = tmp_path_factory.mktemp("caches")
+    result = {}
+    for offset, name in enumerate(("challenge", "extra"), start=1):
+        def encode(images, offset=offset):
+            values = offset + images.mean(axis=(1, 2, 3))
+            return np.broadcast_to(values[:, None, None, None],
+                                   images.shape[:1] + teacher.embedding_shape).astype(np.float16)
+
+        build_teacher_cache(datasets[name], "train", root / name, teacher, batch_size=4,
+                            encode_fn=encode, log=lambda message: None)
+        result[name] = root / name
+    return result
+
+
+def test_each_source_reads_its_own_teacher_cache(datasets, caches):
+    from input_pipeline.teacher_cache import TeacherCache
+
+    mixture = Mixture((Source(str(datasets["challenge"]), exclude_modalities=("CT",),
+                              teacher_cache_dir=str(caches["challenge"])),
+                       Source(str(datasets["extra"]), fraction=2.0,
+                              teacher_cache_dir=str(caches["extra"]))))
+    stored = [TeacherCache(caches["challenge"]), TeacherCache(caches["extra"])]
+    rows = 0
+    for batch in make_loader(mixture, batch_size=2, num_epochs=1, drop_remainder=False):
+        for source, index, embedding in zip(batch["source"], batch["index"],
+                                            batch["teacher_embedding"]):
+            assert np.array_equal(embedding, stored[source][int(index)])
+            assert 1 + source <= float(embedding[0, 0, 0]) <= 2 + source
+            rows += 1
+    assert rows == len(mixture_table(mixture))
+
+
 # --------------------------------------------------------------------------------------------
 # The training config: data.sources
 # --------------------------------------------------------------------------------------------
@@ -366,6 +407,27 @@ def test_config_checks_each_source(datasets, tmp_path):
         distill.optim, trainable=("image_encoder",)))
     with pytest.raises(ConfigError, match=r"needs data.sources\[0\].teacher_cache_dir"):
         validate(distill)
+
+
+def test_distillation_from_caches_reads_each_sources_cache(datasets, caches, tmp_path):
+    from rep_medsam_jax.training.config import TeacherSection, validate
+    from rep_medsam_jax.training.loop import make_loaders, prepare_dataset
+
+    config = _config(datasets, augment="distill")
+    sources = (dataclasses.replace(config.data.sources[0],
+                                   teacher_cache_dir=str(caches["challenge"])),
+               dataclasses.replace(config.data.sources[2], teacher_cache_dir=str(caches["extra"])))
+    config = dataclasses.replace(
+        config, stage="distill", teacher=TeacherSection(source="cache"),
+        data=dataclasses.replace(config.data, sources=sources),
+        optim=dataclasses.replace(config.optim, trainable=("image_encoder",)))
+    validate(config)
+    train, *_ = make_loaders(config, prepare_dataset(config, tmp_path), 4)
+    batch = next(iter(train))
+    assert batch["teacher_embedding"].shape == (4, 8, 8, 256)
+    # Each row's target is its own source's: 1 + mean (challenge) or 2 + mean (extra).
+    low = batch["teacher_embedding"].min(axis=(1, 2, 3)).astype(float)
+    assert np.all((1 + batch["source"] <= low) & (low <= 2 + batch["source"]))
 
 
 def test_make_loaders_reads_the_mixture_and_evaluates_on_the_first_source(datasets, tmp_path):
