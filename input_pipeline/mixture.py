@@ -94,7 +94,7 @@ class Source:
     def describe(self) -> str:
         """The dataset by name/config/version (not its absolute path), split, fraction, filters."""
         name = "/".join(Path(self.dataset_dir).parts[-3:])
-        text = f"{name} {self.split} x{self.fraction:g}"
+        text = f"{name} {self.split} x{self.fraction!r}"
         if self.modalities:
             text += f" only {','.join(self.modalities)}"
         if self.exclude_modalities:
