@@ -31,7 +31,8 @@ The rules (all decided once, from the ``records-<split>.npz`` indexes; no image 
 ``input_pipeline.loader.MixtureSource`` is the grain random-access source over the table: each
 source is an ``ExampleSource`` (with the source's teacher cache), and every example carries
 ``source`` (its number) beside ``index`` (the record in its own split). This module reads only
-the record indexes (no grain), so the training config checks a mixture in a second.
+the record indexes and needs no grain, so the training config checks a mixture before any
+compute.
 """
 
 from __future__ import annotations
