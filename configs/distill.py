@@ -23,6 +23,18 @@ Launch (one device)::
         --config.data.eval_teacher_cache_dir=CACHE/validation \\
         --config.model.init_from=models/medsam_vit_b
 
+The paper's data: all challenge data except CT, plus a seeded uniform 20 % of the challenge's
+CT slices. Set ``SOURCES`` below (a teacher cache per source; two sources of one dataset share
+its cache) and leave out ``--config.data.dataset_dir`` / ``--config.data.teacher_cache_dir``;
+or give the list on the command line::
+
+    --config.data.sources="({'dataset_dir': '$D', 'exclude_modalities': ('CT',),
+        'teacher_cache_dir': 'CACHE/train'}, {'dataset_dir': '$D', 'modalities': ('CT',),
+        'fraction': 0.2, 'teacher_cache_dir': 'CACHE/train'})"
+
+Validation then uses the first source's validation split (all modalities), or
+``--config.data.eval_dataset_dir``.
+
 Without a cache, run the teacher in the step on the identically augmented image (exact, about
 8x the compute of the student): ``--config.teacher.source=online
 --config.teacher.model_dir=models/medsam_vit_b``.
@@ -32,10 +44,19 @@ Multi-host: add ``--coordinator HOST:PORT --num_processes N --process_id I`` on 
 
 import ml_collections
 
-from rep_medsam_jax.training.config import (DataSection, LossSection, ModelSection,
-                                            TeacherSection, TrainConfig,
+from rep_medsam_jax.training.config import (DataSection, DataSource, LossSection,  # noqa: F401
+                                            ModelSection, TeacherSection, TrainConfig,
                                             as_config_dict)
 from rep_medsam_jax.training.optim import OptimConfig
+
+
+# The paper's distillation data, ready to edit (empty: data.dataset_dir as above).
+SOURCES: tuple = ()
+# CHALLENGE = "DATA/challenge/med_sam_slices/size256/2.0.0"
+# SOURCES = (
+#     DataSource(CHALLENGE, exclude_modalities=("CT",), teacher_cache_dir="CACHE/train"),
+#     DataSource(CHALLENGE, modalities=("CT",), fraction=0.2, teacher_cache_dir="CACHE/train"),
+# )
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -44,7 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
         stage="distill",
         # init_from: a MODEL_DIR whose prompt encoder and mask decoder are MedSAM's.
         model=ModelSection(preset="rep_medsam", init_parts=("prompt_encoder", "mask_decoder")),
-        data=DataSection(augment="distill", flip_probability=0.5, worker_count=8),
+        data=DataSection(sources=SOURCES, augment="distill", flip_probability=0.5,
+                         worker_count=8),
         teacher=TeacherSection(source="cache"),
         loss=LossSection(distill_weight=1.0),
         optim=OptimConfig(learning_rate=5e-4, weight_decay=0.01, clip="percentile",

@@ -10,15 +10,34 @@ Starts from stage 2's best checkpoint::
         --config.data.dataset_dir=DATA/med_sam_slices/size256/2.0.0 \\
         --config.model.init_from=work_dirs/pipeline
 
+The paper's data: the challenge data without its CT plus CT from supplementary datasets.
+Set ``SOURCES`` below and leave out ``--config.data.dataset_dir``, or give the list on the
+command line::
+
+    --config.data.sources="({'dataset_dir': '$CHALLENGE', 'exclude_modalities': ('CT',)},
+        {'dataset_dir': '$EXTRA_CT'})"
+
+Validation then uses the first source's validation split (all modalities), or
+``--config.data.eval_dataset_dir``.
+
 The result, ``work_dirs/finetune/model``, is a MODEL_DIR: ``rep-medsam export`` and
 ``rep-medsam predict`` take it directly. Multi-host: see docs/training.md.
 """
 
 import ml_collections
 
-from rep_medsam_jax.training.config import (DataSection, LossSection, ModelSection, TrainConfig,
-                                            as_config_dict)
+from rep_medsam_jax.training.config import (DataSection, DataSource, LossSection,  # noqa: F401
+                                            ModelSection, TrainConfig, as_config_dict)
 from rep_medsam_jax.training.optim import OptimConfig
+
+
+# The paper's fine-tuning data, ready to edit (empty: data.dataset_dir as above). Each
+# supplementary CT set is built on its own (python -m input_pipeline.build --source ...).
+SOURCES: tuple = ()
+# SOURCES = (
+#     DataSource("DATA/challenge/med_sam_slices/size256/2.0.0", exclude_modalities=("CT",)),
+#     DataSource("DATA/extra_ct/med_sam_slices/size256/2.0.0"),
+# )
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
         name="finetune",
         stage="seg",
         model=ModelSection(preset="rep_medsam"),
-        data=DataSection(augment="finetune", flip_probability=0.7, box_shift=5, worker_count=8),
+        data=DataSection(sources=SOURCES, augment="finetune", flip_probability=0.7,
+                         box_shift=5, worker_count=8),
         loss=LossSection(dice=1.0, bce=1.0, iou=1.0, squared=True),
         optim=OptimConfig(learning_rate=2e-5, weight_decay=0.01, clip="percentile",
                           plateau_factor=0.9, plateau_patience=5),

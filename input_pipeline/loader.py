@@ -29,13 +29,18 @@ i*b .. (i+1)*b - 1 of every global batch of n*b (:class:`ProcessSliceSampler`), 
 per-example augmentation seed. So n hosts train on exactly the batches one host would, and a
 run's data does not depend on the number of hosts. The indices are passed in as ints, so a test
 can play several hosts in one process.
+
+Several datasets: pass an ``input_pipeline.mixture.Mixture`` (or a list of its ``Source``)
+instead of a dataset folder; an epoch is then one pass over the mixture's table (each source's
+selected slices, or their objects), and every batch also carries ``source``. Everything else
+(hosts, workers, resumption) is the same.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ import numpy as np
 from input_pipeline.augment import NO_AUGMENT, AugmentConfig, augment_example, box_from_mask
 from input_pipeline.examples import slice_objects, student_image
 from input_pipeline.grain_workers import allow_worker_processes
+from input_pipeline.mixture import Mixture, Source, mixture_table
 from input_pipeline.tfds_builder import open_split, read_record_index
 
 SAMPLINGS = ("slice", "object")
@@ -106,6 +112,42 @@ class ExampleSource:
         return (f"ExampleSource(dataset={name!r}, split={self.split!r}, "
                 f"records={len(self._records)}, sampling={self.sampling!r}, "
                 f"teacher_cache={self._teacher is not None})")
+
+
+class MixtureSource:
+    """grain random-access source over a mixture's table (``input_pipeline.mixture``).
+
+    ``source[i]`` is row i's record from its source's ``ExampleSource`` with ``label`` (0 with
+    sampling "slice") and ``source`` (int32) set; ``index`` is the record in its own split.
+    Picklable (grain sends it to worker processes).
+    """
+
+    def __init__(self, mixture: Mixture | Sequence[Source], sampling: str = "slice"):
+        self.mixture = mixture if isinstance(mixture, Mixture) else Mixture(tuple(mixture))
+        self.sampling = sampling
+        self.table = mixture_table(self.mixture, sampling)
+        self._sources = [ExampleSource(s.dataset_dir, s.split, s.teacher_cache_dir, "slice")
+                         for s in self.mixture.sources]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        number = int(self.table.source[index])
+        record = self._sources[number][int(self.table.record[index])]
+        record["label"] = np.int32(self.table.label[index])
+        record["source"] = np.int32(number)
+        return record
+
+    def __repr__(self) -> str:
+        # grain compares repr() when restoring an iterator state: name each source by its
+        # dataset's name/config/version and a digest of its record index, never its path, so
+        # that a moved dataset resumes and another dataset with the same name does not.
+        sources = "; ".join(
+            f"{s.describe()} [{fingerprint}] teacher_cache={s.teacher_cache_dir is not None}"
+            for s, fingerprint in zip(self.mixture.sources, self.table.fingerprints))
+        return (f"MixtureSource(seed={self.mixture.seed}, sampling={self.sampling!r}, "
+                f"rows={len(self.table)}, sources=[{sources}])")
 
 
 def choose_object(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -216,14 +258,32 @@ class ProcessSliceSampler:
                 f"{self.process_count}, batch {self.batch_size})")
 
 
-def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: int = 0,
+def data_source(data: str | Path | Mixture | Sequence[Source], split: str | None,
+                teacher_cache_dir: str | Path | None = None,
+                sampling: str = "slice") -> ExampleSource | MixtureSource:
+    """The grain source of ``make_loader``: one split of a dataset folder, or a mixture (whose
+    sources name their own splits and teacher caches, so ``split`` and ``teacher_cache_dir``
+    must then be None)."""
+    if isinstance(data, (str, os.PathLike)):
+        if split is None:
+            raise ValueError(f"make_loader({str(data)!r}): give the split to read")
+        return ExampleSource(data, split, teacher_cache_dir, sampling)
+    if split is not None or teacher_cache_dir is not None:
+        raise ValueError("a mixture's sources name their own split and teacher cache: pass "
+                         "split=None and teacher_cache_dir=None")
+    return MixtureSource(data, sampling)
+
+
+def make_loader(data: str | Path | Mixture | Sequence[Source], split: str | None = None, *,
+                batch_size: int, seed: int = 0,
                 augment: AugmentConfig | None = None, shuffle: bool = True,
                 num_epochs: int | None = None, worker_count: int = 0,
                 worker_buffer_size: int = 2, process_index: int = 0, process_count: int = 1,
                 drop_remainder: bool = True, read_threads: int = 4, read_buffer: int = 32,
                 teacher_cache_dir: str | Path | None = None,
                 device_images: bool = False, sampling: str = "slice") -> grain.DataLoader:
-    """The grain DataLoader of one split (see the module docstring).
+    """The grain DataLoader of one split of a dataset folder, or of a mixture (see the module
+    docstring).
 
     sampling: "slice" (one pass over slices per epoch, one object drawn per slice) or "object"
     (one pass over every object).
@@ -236,7 +296,7 @@ def make_loader(dataset_dir: str | Path, split: str, *, batch_size: int, seed: i
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    source = ExampleSource(dataset_dir, split, teacher_cache_dir, sampling)
+    source = data_source(data, split, teacher_cache_dir, sampling)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
         shard_options=grain.sharding.ShardOptions(shard_index=0, shard_count=1,

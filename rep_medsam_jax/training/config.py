@@ -54,6 +54,25 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSource:
+    """One source of a training mixture (``input_pipeline.mixture.Source``).
+
+    dataset_dir: a built dataset. split: "" for ``data.train_split``. fraction > 0: each slice
+    ``floor(fraction)`` times plus a seeded uniform subset of the rest (0.2: a fixed 20 %; 2:
+    every slice twice). modalities / exclude_modalities: keep only / drop these case modalities
+    (one of the two). teacher_cache_dir: this source's teacher embeddings (distillation from a
+    cache needs one per source; other stages ignore it).
+    """
+
+    dataset_dir: str = ""
+    split: str = ""
+    fraction: float = 1.0
+    modalities: tuple[str, ...] = ()
+    exclude_modalities: tuple[str, ...] = ()
+    teacher_cache_dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSection:
     """Where examples come from and how they are augmented.
 
@@ -69,9 +88,15 @@ class DataSection:
     or "none".
     teacher_cache_dir / eval_teacher_cache_dir: teacher embeddings of the train / validation
     split (``python -m input_pipeline.teacher_cache``), for distillation with teacher "cache".
+    sources: several datasets instead of ``dataset_dir`` (:class:`DataSource`, mixed by
+    ``input_pipeline.mixture`` with subsets seeded by ``seed``); evaluation then reads
+    ``eval_split`` of ``eval_dataset_dir``, else of the first source's dataset (all of it).
+    eval_dataset_dir: evaluate on this dataset instead (with or without sources).
     """
 
     dataset_dir: str = ""
+    sources: tuple[DataSource, ...] = ()
+    eval_dataset_dir: str = ""
     phantoms: tuple[int, ...] = ()
     phantom_seed: int = 0
     phantom_image_size: int = 256
@@ -373,27 +398,46 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
               f"data.phantoms must be (n2d, n3d) with at least two cases, got {data.phantoms}")
         _need(0 < data.validation_fraction < 1,
               f"data.validation_fraction must be in (0, 1), got {data.validation_fraction}")
+    elif data.sources:
+        _need(not data.dataset_dir,
+              f"give data.sources or data.dataset_dir ({data.dataset_dir}), not both")
+        for number, source in enumerate(data.sources):
+            _check_dataset_dir(source.dataset_dir, f"data.sources[{number}].dataset_dir")
+        _check_mixture(config)
     else:
         _need(bool(data.dataset_dir),
               "data.dataset_dir is empty: give a built dataset (python -m input_pipeline.build "
-              "... then --config.data.dataset_dir=DATA/med_sam_slices/size256/2.0.0) or "
+              "... then --config.data.dataset_dir=DATA/med_sam_slices/size256/2.0.0), "
+              "data.sources=({'dataset_dir': ...}, ...) for several, or "
               "data.phantoms=(n2d,n3d) for built-in data")
-        dataset = Path(data.dataset_dir)
-        _need(dataset.is_dir(), f"data.dataset_dir {dataset} does not exist")
-        _need((dataset / "dataset_info.json").is_file(),
-              f"data.dataset_dir {dataset} is not a built dataset (no dataset_info.json); "
-              "point it at DATA/med_sam_slices/size<S>/<version>")
+        _check_dataset_dir(data.dataset_dir, "data.dataset_dir")
+    _need(not (data.phantoms and data.sources),
+          "give data.sources or data.phantoms, not both")
+    if data.eval_dataset_dir:
+        _check_dataset_dir(data.eval_dataset_dir, "data.eval_dataset_dir")
 
     if config.stage == "distill":
         teacher = config.teacher
         _need(teacher.source in TEACHER_SOURCES,
               f"teacher.source must be one of {TEACHER_SOURCES}, got {teacher.source!r}")
-        if teacher.source == "cache":
+        if teacher.source == "cache" and data.sources:
+            _need(not data.teacher_cache_dir,
+                  "with data.sources give each source its teacher_cache_dir, not "
+                  "data.teacher_cache_dir")
+            for number, source in enumerate(data.sources):
+                key = f"data.sources[{number}].teacher_cache_dir"
+                _need(bool(source.teacher_cache_dir),
+                      f"distillation from a cache needs {key} (python -m "
+                      "input_pipeline.teacher_cache ...), or teacher.source=online")
+                _need(Path(source.teacher_cache_dir).is_dir(),
+                      f"{key} {source.teacher_cache_dir} does not exist")
+        elif teacher.source == "cache":
             _need(bool(data.teacher_cache_dir),
                   "distillation from a cache needs data.teacher_cache_dir (python -m "
                   "input_pipeline.teacher_cache ...), or teacher.source=online")
             _need(Path(data.teacher_cache_dir).is_dir(),
                   f"data.teacher_cache_dir {data.teacher_cache_dir} does not exist")
+        if teacher.source == "cache":
             _need(data.augment in ("distill", "none"),
                   "distilling from cached embeddings allows only data.augment=distill (flips, "
                   "mirrored onto the stored embedding) or none: colour jitter would change the "
@@ -418,18 +462,59 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
         _check_existing_checkpoints(config, model_config, Path(workdir))
 
 
+def _check_dataset_dir(path: str, key: str) -> None:
+    _need(bool(path), f"{key} is empty: give a built dataset "
+          "(DATA/med_sam_slices/size<S>/<version>)")
+    dataset = Path(path)
+    _need(dataset.is_dir(), f"{key} {dataset} does not exist")
+    _need((dataset / "dataset_info.json").is_file(),
+          f"{key} {dataset} is not a built dataset (no dataset_info.json); "
+          "point it at DATA/med_sam_slices/size<S>/<version>")
+
+
+def data_mixture(config: TrainConfig, teacher_caches: bool = False):
+    """``data.sources`` as an ``input_pipeline.mixture.Mixture`` seeded by ``data.seed``
+    (a source's empty split is ``data.train_split``); ``teacher_caches``: keep each source's
+    teacher cache (distillation from a cache), else drop them."""
+    from input_pipeline.mixture import Mixture, Source  # noqa: PLC0415
+
+    data = config.data
+    return Mixture(tuple(
+        Source(s.dataset_dir, s.split or data.train_split, s.fraction, s.modalities,
+               s.exclude_modalities, (s.teacher_cache_dir or None) if teacher_caches else None)
+        for s in data.sources), seed=data.seed)
+
+
+def _check_mixture(config: TrainConfig) -> None:
+    """Build the mixture's table from the record indexes (no image read): bad fractions,
+    unknown modality names and sources that select nothing fail here, before any compute."""
+    from input_pipeline.mixture import MixtureError, mixture_table  # noqa: PLC0415
+
+    try:
+        mixture_table(data_mixture(config), config.data.sampling)
+    except MixtureError as err:
+        raise ConfigError(f"data.sources: {err}") from None
+
+
 def _check_local_paths(config: TrainConfig, workdir: str | Path | None) -> None:
     """Every path is read or written with the local file system: a ``gs://`` or other URL
     would become a local folder named ``gs:`` (a WORKDIR) or a confusing "does not exist"."""
     paths = {"--workdir": workdir, "data.dataset_dir": config.data.dataset_dir,
              "data.teacher_cache_dir": config.data.teacher_cache_dir,
              "data.eval_teacher_cache_dir": config.data.eval_teacher_cache_dir,
+             "data.eval_dataset_dir": config.data.eval_dataset_dir,
              "model.init_from": config.model.init_from,
              "teacher.model_dir": config.teacher.model_dir}
     for name, value in paths.items():
         _need(not (value and "://" in str(value)),
               f"{name} {value} is a URL: paths must be on a mounted file system (for a bucket, "
               "mount it, e.g. gcsfuse BUCKET /mnt/BUCKET, and give /mnt/BUCKET/...)")
+    for number, source in enumerate(config.data.sources):
+        for name in ("dataset_dir", "teacher_cache_dir"):
+            value = getattr(source, name)
+            _need(not (value and "://" in value),
+                  f"data.sources[{number}].{name} {value} is a URL: paths must be on a mounted "
+                  "file system (mount a bucket, e.g. with gcsfuse, and give its local path)")
 
 
 def resolve_model_config(config: TrainConfig):

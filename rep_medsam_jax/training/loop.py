@@ -52,8 +52,8 @@ from rep_medsam_jax.training import optim
 from rep_medsam_jax.training import sharding as sharding_lib
 from rep_medsam_jax.training.checkpoint import (Checkpointer, load_checkpoint_variables,
                                                 select_step)
-from rep_medsam_jax.training.config import (ConfigError, TrainConfig, init_source_kind,
-                                            resolve_model_config, validate)
+from rep_medsam_jax.training.config import (ConfigError, TrainConfig, data_mixture,
+                                            init_source_kind, resolve_model_config, validate)
 from rep_medsam_jax.training.logger import MetricWriter, plot_learning_curves
 from rep_medsam_jax.training.preemption import HostAgreement, StopSignals
 from rep_medsam_jax.training.steps import (StepOptions, Teacher, TrainState, create_train_state,
@@ -71,9 +71,12 @@ BATCH_KEYS = ("image", "image_region", "jitter_order", "jitter_factors", "mask",
 # --------------------------------------------------------------------------------------------
 
 def prepare_dataset(config: TrainConfig, workdir: Path) -> Path:
-    """The built dataset's folder: ``data.dataset_dir``, or phantoms built into WORKDIR/data
+    """The built dataset's folder: ``data.dataset_dir``, the first of ``data.sources`` (the
+    mixture itself comes from ``config.data_mixture``), or phantoms built into WORKDIR/data
     (process 0 builds, the others wait; building is resumable and reuses a finished build)."""
     data = config.data
+    if data.sources:
+        return Path(data.sources[0].dataset_dir)
     if not data.phantoms:
         return Path(data.dataset_dir)
     from input_pipeline.phantoms import MODALITIES_2D, write_phantom_dataset  # noqa: PLC0415
@@ -116,30 +119,48 @@ def augment_config(config: TrainConfig):
                          box_shift=0 if data.augment == "distill" else data.box_shift)
 
 
-def make_loaders(config: TrainConfig, dataset_dir: Path, per_process_batch: int):
+def make_loaders(config: TrainConfig, dataset_dir: Path, per_process_batch: int,
+                 log: Callable[[str], None] | None = None):
     """(train loader, a function making a fresh one-pass evaluation iterator, train size,
-    evaluation size). Every process reads its rows of the same global batches."""
+    evaluation size). Every process reads its rows of the same global batches.
+
+    Training reads ``dataset_dir``'s train split, or the mixture of ``data.sources``;
+    evaluation reads the eval split of ``data.eval_dataset_dir``, else of ``dataset_dir``
+    (with sources: the first source's dataset, every object, no fraction or filter)."""
     from input_pipeline.loader import ExampleSource, make_loader  # noqa: PLC0415
+    from input_pipeline.mixture import (describe_table, mixture_table,  # noqa: PLC0415
+                                        read_indexes)
 
     data = config.data
-    cache = data.teacher_cache_dir or None
-    if config.stage != "distill" or config.teacher.source != "cache":
-        cache = None
+    from_cache = config.stage == "distill" and config.teacher.source == "cache"
     common = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                   worker_count=data.worker_count)
     common["device_images"] = True
-    train = make_loader(dataset_dir, data.train_split, batch_size=per_process_batch,
+    if data.sources:
+        train_data, split, cache = data_mixture(config, teacher_caches=from_cache), None, None
+    else:
+        train_data, split = dataset_dir, data.train_split
+        cache = (data.teacher_cache_dir or None) if from_cache else None
+    train = make_loader(train_data, split, batch_size=per_process_batch,
                         seed=data.seed, augment=augment_config(config), shuffle=True,
                         num_epochs=None, teacher_cache_dir=cache, sampling=data.sampling,
                         **common)
-    # An epoch: every slice once (sampling "slice") or every object once ("object"); the
-    # evaluation scores every object of the split once.
-    train_size = len(ExampleSource(dataset_dir, data.train_split, sampling=data.sampling))
-    eval_size = len(ExampleSource(dataset_dir, data.eval_split, sampling="object"))
+    # An epoch: every slice once (sampling "slice") or every object once ("object"); over a
+    # mixture, every row of its table once. The evaluation scores every object of the split.
+    if data.sources:
+        indexes = read_indexes(train_data)
+        table = mixture_table(train_data, data.sampling, indexes)
+        train_size = len(table)
+        for line in describe_table(train_data, table, indexes):
+            (log or _LOG.info)(line)
+    else:
+        train_size = len(ExampleSource(dataset_dir, data.train_split, sampling=data.sampling))
+    eval_dir = Path(data.eval_dataset_dir) if data.eval_dataset_dir else dataset_dir
+    eval_size = len(ExampleSource(eval_dir, data.eval_split, sampling="object"))
     eval_cache = data.eval_teacher_cache_dir or None if config.stage == "distill" else None
 
     def eval_iterator() -> Iterator[dict]:
-        loader = make_loader(dataset_dir, data.eval_split, batch_size=per_process_batch,
+        loader = make_loader(eval_dir, data.eval_split, batch_size=per_process_batch,
                              seed=data.seed, augment=None, shuffle=False, num_epochs=1,
                              drop_remainder=False, teacher_cache_dir=eval_cache,
                              sampling="object", **common)
@@ -343,12 +364,12 @@ def _train_and_evaluate(config: TrainConfig, workdir: str | Path, stop_after_ste
     model_config = resolve_model_config(config)
     model = build_model(model_config)
     dataset_dir = prepare_dataset(config, workdir)
-    train_loader, eval_iterator, train_size, eval_size = make_loaders(config, dataset_dir,
-                                                                      per_process_batch)
+    train_loader, eval_iterator, train_size, eval_size = make_loaders(
+        config, dataset_dir, per_process_batch, log=say if primary else lambda message: None)
     steps_per_epoch = train_size // config.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"the train split has {train_size} examples: fewer than one batch of "
-                          f"{config.batch_size}; lower batch_size")
+        raise ConfigError(f"the training data has {train_size} examples: fewer than one "
+                          f"batch of {config.batch_size}; lower batch_size")
     total_steps, eval_every, checkpoint_every = _schedule(config, steps_per_epoch)
     teacher, teacher_variables = make_teacher(config, model_config)
 
