@@ -8,7 +8,6 @@ The expected embeddings are the ViT applied directly to ``teacher_input`` of eac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
