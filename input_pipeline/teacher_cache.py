@@ -1,34 +1,35 @@
 """Teacher-embedding cache for distillation: MedSAM ViT-B over a built dataset, stored once.
 
     python -m input_pipeline.teacher_cache --dataset-dir DATA/med_sam_slices/size256/2.0.0 \\
-        --split train --out CACHE --checkpoint medsam_vit_b.pth [--dtype float16] [--batch-size 16]
+        --split train --out CACHE --checkpoint medsam_vit_b.pth [--dtype float16] \\
+        [--batch-size 16] [--shard-mb 256] [--teacher-input device]
 
-What is computed. Examples are per object, but every object of a slice shares the slice's
-image, so the teacher runs once per *slice* (the records of one slice are found from the
-dataset's ``records-<split>.npz`` without reading images). The teacher's input is made from the
-stored slice with the shared preprocessing: the valid (newh, neww) region of the student's uint8
-image goes through ``teacher_input(..., size=1024, keep_aspect=True)`` (scikit-image order 3,
-longest side to 1024, min-max to [0, 1], zero-padded bottom/right). The student's 256 input is
-the same uint8 region min-max normalised and padded, so both 64 x 64 embedding grids cover
-exactly the same part of the slice (cell (i, j) is pixels [4i, 4i + 4) x [4j, 4j + 4) of the
-256 frame in both). The reference instead squashed the original slice to 1024 x 1024, which
-misaligns the grids for non-square slices.
+What is computed. The teacher runs once per *slice* (the records of one slice are found from
+the dataset's ``records-<split>.npz`` without reading images; with one record per slice the
+table is the identity). The teacher's input is the valid (newh, neww) region of the stored
+uint8 slice through ``teacher_input(..., size=1024, keep_aspect=True)`` (scikit-image order 3,
+longest side to 1024, min-max to [0, 1], zero-padded bottom/right), computed by one of the
+paths of ``input_pipeline.teacher_inputs`` (``--teacher-input``; default ``device``: the
+resize as two matmuls inside the teacher's jitted function). The student's 256 input is the
+same region min-max normalised and padded, so both 64 x 64 grids cover the same pixels.
 
-Storage. ``CACHE/shards/<k>.npy`` holds slices [k * B, (k + 1) * B) (B = batch size: one shard is
-one jitted batch), as (n, g, g, C) float16, or bfloat16 stored as its uint16 bit pattern;
-``CACHE/record_to_slice.npy`` maps each record to its slice; ``CACHE/manifest.json`` says what
-was cached with what. One embedding is 64 * 64 * 256 * 2 bytes = 2 MiB, so a million examples
-need 2.1 TB divided by the mean number of objects per slice.
+Storage. ``CACHE/shards/<k>.bin`` holds the slices [k * S, (k + 1) * S) back to back, each
+``slice_nbytes`` bytes (``input_pipeline.teacher_storage``: float16, bfloat16 or int8 with
+per-channel scales), S = slices per shard from ``--shard-mb`` (default 256 MB); slice i of a
+shard is read by seek + readinto. ``CACHE/record_to_slice.npy`` maps each record to its slice;
+``CACHE/manifest.json`` says what was cached with what (format version ``CACHE_VERSION``).
 
-Resuming. A shard is written to a temporary file and renamed, so it exists complete or not at
-all; a restart skips every existing shard. A kill loses only the batch in flight, which was
-never stored, so no stored example is ever computed twice. Hosts split the shards round-robin
-(shard k belongs to host k mod n) and never write the same file; on a shared file system the
-cache is complete when every host has finished.
+Resuming. A shard is written to a temporary file batch by batch and renamed when its last
+slice is in, so it exists complete or not at all; a rerun deletes this host's temporaries and
+computes only the slices of missing shards. A kill loses at most the shard in flight. Hosts
+split the shards round-robin (shard k belongs to host k mod n).
 
-Devices. The batch is split over all local devices (a 1-D mesh, data parallel), padded to a
-fixed size so the function compiles once. Turning stored images into 1024 inputs runs on the CPU,
-in ``--workers`` processes (grain) when asked.
+Reading. ``TeacherCache`` keeps at most ``max_open_files`` shard files open per process (least
+recently used closed first), whatever the number of shards.
+
+Devices and host. The batch is split over the local devices (1-D mesh), padded to a fixed size
+so the function compiles once. A background thread (or ``--workers`` grain processes) prepares
+the next batches' host part while the device runs the current one.
 """
 
 from __future__ import annotations
@@ -38,23 +39,30 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import queue
 import re
 import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from input_pipeline.examples import teacher_source_image
+from input_pipeline.teacher_inputs import (TEACHER_INPUT_MODES, device_teacher_inputs,
+                                           prepare_batch)
+from input_pipeline.teacher_storage import STORAGE_DTYPES, encode_slices, slice_nbytes
 from input_pipeline.tfds_builder import open_split, read_record_index, records_path
 from rep_medsam_jax.io import atomic_write, write_text_atomic
 from rep_medsam_jax.models.config import VIT_VARIANTS, ViTConfig
 
 CACHE_FORMAT = "rep_medsam_jax.teacher_cache"
-CACHE_VERSION = 1
-STORAGE_DTYPES = ("float16", "bfloat16")
+CACHE_VERSION = 2        # 1: one .npy per jitted batch
+DEFAULT_SHARD_MB = 256
+DEFAULT_MAX_OPEN_FILES = 8
 _LOG = logging.getLogger(__name__)
 
 
@@ -165,9 +173,10 @@ def load_teacher(*, model_dir: str | Path | None = None, checkpoint: str | Path 
 
 
 def make_encode_fn(teacher: Teacher, batch_size: int,
-                   storage_dtype: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A function (n, T, T, 3) float32 (n <= batch_size) -> (n, g, g, C) in ``storage_dtype``,
-    jitted once for a fixed padded batch that is split over the local devices."""
+                   teacher_input_mode: str = "device") -> Callable[[dict], np.ndarray]:
+    """A function batch -> (n, g, g, C) float32 for a ``prepare_batch`` dict of n <= batch_size
+    slices (mode ``teacher_input_mode``), jitted once for a fixed padded batch split over the
+    local devices. In ``device`` mode the 1024 inputs are made inside the same function."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -180,63 +189,84 @@ def make_encode_fn(teacher: Teacher, batch_size: int,
     replicated = replicated_sharding(mesh)
     padded = -(-batch_size // len(devices)) * len(devices)
     model = ViTImageEncoder(teacher.config, dtype=jnp.dtype(teacher.compute_dtype))
-    out_dtype = jnp.dtype(storage_dtype)
 
     @jax.jit
-    def encode(variables: dict, images: jax.Array) -> jax.Array:
+    def encode(variables: dict, batch: dict) -> jax.Array:
+        images = device_teacher_inputs(batch) if "images" in batch else batch["inputs"]
         embedding, _ = model.apply(variables, images)
-        return embedding.astype(out_dtype)     # cast on device: half the bytes to move
+        return embedding.astype(jnp.float32)
 
     variables = jax.device_put(teacher.variables, replicated)
 
-    def run(images: np.ndarray) -> np.ndarray:
-        count = images.shape[0]
+    def run(batch: dict) -> np.ndarray:
+        arrays = {key: value for key, value in batch.items() if key != "slice"}
+        count = next(iter(arrays.values())).shape[0]
         if count > padded:
             raise ValueError(f"batch of {count} > {padded}")
-        batch = np.zeros((padded,) + images.shape[1:], np.float32)
-        batch[:count] = images
-        out = encode(variables, jax.device_put(batch, data_sharding))
+        filled = {}
+        for key, value in arrays.items():
+            full = np.zeros((padded,) + value.shape[1:], value.dtype)
+            full[:count] = value
+            if key in ("in_hw", "out_hw"):
+                full[count:] = 1       # padding rows: a 1 x 1 region, never NaN
+            filled[key] = full
+        out = encode(variables, jax.device_put(filled, data_sharding))
         return np.asarray(jax.device_get(out))[:count]
 
     return run
 
 
 # --------------------------------------------------------------------------------------------
-# Teacher inputs (CPU), optionally in grain worker processes
+# Host part of each batch, prepared ahead of the device
 # --------------------------------------------------------------------------------------------
 
-class ShardInputs:
-    """grain source: item j = the teacher inputs of pending shard ``shards[j]``,
-    ``{"shard": k, "inputs": (n, T, T, 3) float32}``."""
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Slices [start, stop) of shard ``shard`` (never crossing a shard's end)."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def plan_batches(shards: list[int], slices_per_shard: int, num_slices: int,
+                 batch_size: int) -> list[BatchPlan]:
+    plans = []
+    for shard in shards:
+        end = min((shard + 1) * slices_per_shard, num_slices)
+        for start in range(shard * slices_per_shard, end, batch_size):
+            plans.append(BatchPlan(shard, start, min(start + batch_size, end)))
+    return plans
+
+
+class BatchInputs:
+    """grain source: item j = the host part of batch ``plans[j]`` (``prepare_batch``'s dict
+    plus ``slice``: (n,) int64 slice numbers)."""
 
     def __init__(self, dataset_dir: str, split: str, first_record: np.ndarray,
-                 shards: list[int], shard_size: int, image_size: int):
+                 plans: list[BatchPlan], image_size: int, mode: str):
         self.dataset_dir, self.split = dataset_dir, split
-        self.first_record = first_record
-        self.shards, self.shard_size, self.image_size = shards, shard_size, image_size
+        self.first_record, self.plans = first_record, plans
+        self.image_size, self.mode = image_size, mode
         self._records = open_split(dataset_dir, split)
 
     def __len__(self) -> int:
-        return len(self.shards)
+        return len(self.plans)
 
     def __getitem__(self, item: int) -> dict[str, Any]:
-        from rep_medsam_jax.preprocess import teacher_input  # noqa: PLC0415
-
-        shard = self.shards[item]
-        slices = range(shard * self.shard_size,
-                       min((shard + 1) * self.shard_size, len(self.first_record)))
-        inputs = []
-        for index in slices:
-            record = self._records[int(self.first_record[index])]
-            region = teacher_source_image(record["image"], record["image_hw"])
-            inputs.append(teacher_input(region, size=self.image_size, keep_aspect=True))
-        return {"shard": np.int64(shard), "inputs": np.stack(inputs).astype(np.float32)}
+        plan = self.plans[item]
+        records = [self._records[int(self.first_record[index])]
+                   for index in range(plan.start, plan.stop)]
+        batch = prepare_batch([r["image"] for r in records], [r["image_hw"] for r in records],
+                              self.mode, self.image_size)
+        batch["slice"] = np.arange(plan.start, plan.stop, dtype=np.int64)
+        return batch
 
     def __repr__(self) -> str:
-        return f"ShardInputs({self.dataset_dir!r}, {self.split!r}, {len(self.shards)} shards)"
+        return f"BatchInputs({self.dataset_dir!r}, {self.split!r}, {len(self.plans)} batches)"
 
 
-def _iterate_inputs(source: ShardInputs, worker_count: int):
+def _iterate_inputs(source: BatchInputs, worker_count: int):
     if worker_count <= 0:
         for item in range(len(source)):
             yield source[item]
@@ -252,36 +282,81 @@ def _iterate_inputs(source: ShardInputs, worker_count: int):
     yield from grain.DataLoader(data_source=source, sampler=sampler, worker_count=worker_count)
 
 
+_DONE = object()
+
+
+def prefetch(items, depth: int = 2):
+    """Iterate ``items`` on a background thread, ``depth`` items ahead (the host prepares the
+    next batches while the device runs this one). Errors are raised in the consumer; leaving
+    the loop early stops the thread."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_DONE)
+        except BaseException as err:  # noqa: BLE001  (handed to the consumer)
+            buffer.put(err)
+
+    thread = threading.Thread(target=produce, name="teacher-inputs", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 # --------------------------------------------------------------------------------------------
 # Layout and manifest
 # --------------------------------------------------------------------------------------------
 
 def shard_path(cache_dir: Path, shard: int) -> Path:
-    return cache_dir / "shards" / f"{shard:06d}.npy"
+    return Path(cache_dir) / "shards" / f"{shard:06d}.bin"
 
 
-def _to_storage_bits(array: np.ndarray, storage_dtype: str) -> np.ndarray:
-    # np.save cannot describe bfloat16; keep its exact bits as uint16.
-    return array.view(np.uint16) if storage_dtype == "bfloat16" else array.astype(np.float16)
+def slices_per_shard_for(shard_mb: float, nbytes: int) -> int:
+    """Slices per shard file: as many as fit in ``shard_mb`` * 2^20 bytes, at least one."""
+    return max(1, int(shard_mb * 2**20) // nbytes)
 
 
-def _from_storage_bits(array: np.ndarray, storage_dtype: str) -> np.ndarray:
-    if storage_dtype == "bfloat16":
-        import ml_dtypes  # noqa: PLC0415
-
-        return array.view(ml_dtypes.bfloat16)
-    return array
-
-
-def _manifest(split: str, table: SliceTable, shard_size: int, teacher: Teacher,
-              storage_dtype: str) -> dict[str, Any]:
+def _manifest(split: str, table: SliceTable, slices_per_shard: int, teacher: Teacher,
+              storage_dtype: str, teacher_input_mode: str) -> dict[str, Any]:
     return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "split": split,
             "num_records": int(table.record_to_slice.shape[0]), "num_slices": table.num_slices,
-            "shard_size": shard_size, "num_shards": -(-table.num_slices // shard_size),
+            "slices_per_shard": slices_per_shard,
+            "num_shards": -(-table.num_slices // slices_per_shard),
             "embedding_shape": list(teacher.embedding_shape), "storage_dtype": storage_dtype,
+            "slice_nbytes": slice_nbytes(teacher.embedding_shape, storage_dtype),
+            "teacher_input": teacher_input_mode,
             "teacher": {"variant": teacher.config.name, "img_size": teacher.config.img_size,
                         "weights": teacher.weights, "compute_dtype": teacher.compute_dtype},
             "slice_table_sha256": table.fingerprint()}
+
+
+def _check_format(cache_dir: Path, stored: dict[str, Any]) -> None:
+    if stored.get("format") != CACHE_FORMAT:
+        raise TeacherCacheError(f"{cache_dir}/manifest.json: not a teacher cache (format "
+                                f"{stored.get('format')!r})")
+    if stored.get("version") != CACHE_VERSION:
+        raise TeacherCacheError(
+            f"{cache_dir}: teacher cache version {stored.get('version')}, this code reads "
+            f"version {CACHE_VERSION}; rebuild it into a new --out folder with "
+            "python -m input_pipeline.teacher_cache")
 
 
 def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any],
@@ -289,12 +364,13 @@ def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any],
     path = cache_dir / "manifest.json"
     if path.is_file():
         stored = json.loads(path.read_text())
+        _check_format(cache_dir, stored)
         if stored != manifest:
             changed = sorted(k for k in set(stored) | set(manifest)
                              if stored.get(k) != manifest.get(k))
             raise TeacherCacheError(
-                f"{cache_dir} holds a cache of another dataset, split or teacher (differs in "
-                f"{', '.join(changed)}); use another --out folder")
+                f"{cache_dir} holds a cache of another dataset, split, teacher or layout "
+                f"(differs in {', '.join(changed)}); use another --out folder")
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(cache_dir / "record_to_slice.npy") as tmp, open(tmp, "wb") as handle:
@@ -305,7 +381,7 @@ def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any],
 
 def _remove_own_temporaries(cache_dir: Path, owned: set[int]) -> None:
     """Delete temporary shard files a killed run of this host left (other hosts' are theirs)."""
-    pattern = re.compile(r"^\.tmp-[0-9a-f]+-(\d{6})\.npy$")
+    pattern = re.compile(r"^\.tmp-[0-9a-f]+-(\d{6})\.bin$")
     for path in (cache_dir / "shards").glob(".tmp-*"):
         match = pattern.match(path.name)
         if match and int(match.group(1)) in owned:
@@ -319,6 +395,7 @@ def _remove_own_temporaries(cache_dir: Path, owned: set[int]) -> None:
 @dataclasses.dataclass
 class CacheRunReport:
     computed_shards: list[int]
+    computed_slices: int
     already_present: int
     owned_shards: int
     total_shards: int
@@ -334,24 +411,30 @@ class CacheRunReport:
 
 def build_teacher_cache(dataset_dir: str | Path, split: str, cache_dir: str | Path,
                         teacher: Teacher, *, batch_size: int = 8,
-                        storage_dtype: str = "float16", process_index: int = 0,
+                        storage_dtype: str = "float16", shard_mb: float = DEFAULT_SHARD_MB,
+                        teacher_input_mode: str = "device", process_index: int = 0,
                         process_count: int = 1, worker_count: int = 0,
-                        encode_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+                        encode_fn: Callable[[dict], np.ndarray] | None = None,
                         on_shard_written: Callable[[int], None] | None = None,
                         log: Callable[[str], None] = _LOG.info) -> CacheRunReport:
     """Compute this host's missing shards (see the module docstring). Resumable, idempotent.
 
-    encode_fn: replaces the jitted teacher (tests use it to count what is computed).
-    on_shard_written(k): called after shard k is on disk (tests interrupt the run from here).
+    encode_fn: replaces the jitted teacher; gets ``prepare_batch`` dicts plus ``slice`` (tests
+    use it to count what is computed). on_shard_written(k): called after shard k is on disk.
     """
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    if teacher_input_mode not in TEACHER_INPUT_MODES:
+        raise ValueError(f"teacher_input_mode must be one of {TEACHER_INPUT_MODES}, "
+                         f"got {teacher_input_mode!r}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     start = time.perf_counter()
     dataset_dir, cache_dir = Path(dataset_dir), Path(cache_dir)
     table = slice_table(dataset_dir, split)
-    manifest = _manifest(split, table, batch_size, teacher, storage_dtype)
+    nbytes = slice_nbytes(teacher.embedding_shape, storage_dtype)
+    per_shard = slices_per_shard_for(shard_mb, nbytes)
+    manifest = _manifest(split, table, per_shard, teacher, storage_dtype, teacher_input_mode)
     _ensure_manifest(cache_dir, manifest, table)
     (cache_dir / "shards").mkdir(exist_ok=True)
 
@@ -360,40 +443,74 @@ def build_teacher_cache(dataset_dir: str | Path, split: str, cache_dir: str | Pa
     _remove_own_temporaries(cache_dir, set(owned))
     pending = [k for k in owned if not shard_path(cache_dir, k).is_file()]
     log(f"teacher cache {cache_dir}: {table.num_slices} slice(s) of {len(table.record_to_slice)} "
-        f"record(s) in {total} shard(s); host {process_index}/{process_count} owns {len(owned)}, "
+        f"record(s) in {total} shard(s) of {per_shard} slice(s) ({per_shard * nbytes / 2**20:.0f}"
+        f" MiB); host {process_index}/{process_count} owns {len(owned)}, "
         f"{len(owned) - len(pending)} already present, {len(pending)} to compute")
 
     if pending and encode_fn is None:
-        encode_fn = make_encode_fn(teacher, batch_size, storage_dtype)
-    source = ShardInputs(str(dataset_dir), split, table.first_record, pending, batch_size,
-                         teacher.config.img_size)
-    computed = []
-    for number, item in enumerate(_iterate_inputs(source, worker_count), start=1):
-        shard = int(item["shard"])
-        tick = time.perf_counter()
-        embeddings = np.asarray(encode_fn(item["inputs"]))
-        expected = (item["inputs"].shape[0],) + teacher.embedding_shape
-        if embeddings.shape != expected:
-            raise TeacherCacheError(f"teacher returned {embeddings.shape}, expected {expected}")
-        with atomic_write(shard_path(cache_dir, shard)) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, _to_storage_bits(embeddings, storage_dtype))
-        computed.append(shard)
-        log(f"[{number}/{len(pending)}] shard {shard}: {embeddings.shape[0]} embedding(s) "
-            f"({time.perf_counter() - tick:.2f} s)")
-        if on_shard_written is not None:
-            on_shard_written(shard)
+        encode_fn = make_encode_fn(teacher, batch_size, teacher_input_mode)
+    plans = plan_batches(pending, per_shard, table.num_slices, batch_size)
+    source = BatchInputs(str(dataset_dir), split, table.first_record, plans,
+                         teacher.config.img_size, teacher_input_mode)
+    computed, computed_slices = [], 0
+    writer = None
+    items = prefetch(_iterate_inputs(source, worker_count))
+    try:
+        for plan, item in zip(plans, items):
+            if plan.start == plan.shard * per_shard:           # first batch of a shard
+                writer = _ShardWriter(shard_path(cache_dir, plan.shard))
+            embeddings = np.asarray(encode_fn(item))
+            expected = (plan.stop - plan.start,) + teacher.embedding_shape
+            if embeddings.shape != expected:
+                raise TeacherCacheError(f"teacher returned {embeddings.shape}, expected {expected}")
+            writer.write(encode_slices(embeddings, storage_dtype))
+            computed_slices += expected[0]
+            if plan.stop == min((plan.shard + 1) * per_shard, table.num_slices):
+                writer.commit()
+                writer = None
+                computed.append(plan.shard)
+                log(f"[{len(computed)}/{len(pending)}] shard {plan.shard} written "
+                    f"({computed_slices / (time.perf_counter() - start):.2f} slices/s)")
+                if on_shard_written is not None:
+                    on_shard_written(plan.shard)
+    finally:
+        items.close()                  # stops the prefetching thread
+        if writer is not None:
+            writer.abandon()
 
     missing = sum(not shard_path(cache_dir, k).is_file() for k in range(total))
-    bytes_per_embedding = int(np.prod(teacher.embedding_shape)) * 2
-    report = CacheRunReport(computed, len(owned) - len(pending), len(owned), total, missing,
-                            time.perf_counter() - start, bytes_per_embedding,
+    report = CacheRunReport(computed, computed_slices, len(owned) - len(pending), len(owned),
+                            total, missing, time.perf_counter() - start, nbytes,
                             len(table.record_to_slice) / max(table.num_slices, 1))
     status = "complete" if not missing else f"{missing} shard(s) still missing (other hosts?)"
-    log(f"done in {report.seconds:.1f} s; {status}; storage "
-        f"{bytes_per_embedding / 2**20:.2f} MiB per slice, "
-        f"{report.bytes_per_million_examples / 1e12:.2f} TB per million examples at "
-        f"{report.examples_per_slice:.2f} examples per slice")
+    log(f"done in {report.seconds:.1f} s; {status}; storage {nbytes / 2**20:.2f} MiB per slice "
+        f"({storage_dtype}), {report.bytes_per_million_examples / 1e12:.2f} TB per million "
+        f"examples at {report.examples_per_slice:.2f} examples per slice")
     return report
+
+
+class _ShardWriter:
+    """Appends slices to a temporary file beside ``path``; ``commit`` renames it to ``path``."""
+
+    def __init__(self, path: Path):
+        import secrets  # noqa: PLC0415
+
+        self.path = path
+        self.temporary = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
+        self.handle = open(self.temporary, "wb")  # noqa: SIM115  (closed in commit / abandon)
+
+    def write(self, rows: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(rows).tobytes())
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.temporary, self.path)
+
+    def abandon(self) -> None:
+        self.handle.close()
+        self.temporary.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,20 +518,24 @@ def build_teacher_cache(dataset_dir: str | Path, split: str, cache_dir: str | Pa
 # --------------------------------------------------------------------------------------------
 
 class TeacherCache:
-    """Read access: ``cache[record_index]`` -> (g, g, C) embedding in the storage dtype
-    (float16 or ml_dtypes.bfloat16). Shards are memory-mapped on first use. Picklable."""
+    """Read access: ``cache[record_index]`` -> (g, g, C) embedding: float16 or
+    ml_dtypes.bfloat16 as stored, float32 for int8 (decoded). At most ``max_open_files`` shard
+    files are open at a time in each process (least recently used closed first); each slice is
+    read by seek + readinto. Picklable (open files are not carried over)."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, max_open_files: int = DEFAULT_MAX_OPEN_FILES):
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
         self.cache_dir = Path(cache_dir)
         manifest_path = self.cache_dir / "manifest.json"
         if not manifest_path.is_file():
             raise TeacherCacheError(f"{self.cache_dir}: no manifest.json; not a teacher cache "
                                     "(build it with python -m input_pipeline.teacher_cache)")
         self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != CACHE_FORMAT:
-            raise TeacherCacheError(f"{self.cache_dir}: not a teacher cache")
+        _check_format(self.cache_dir, self.manifest)
         self.record_to_slice = np.load(self.cache_dir / "record_to_slice.npy")
-        self._shards: dict[int, np.ndarray] = {}
+        self.max_open_files = max_open_files
+        self._files: OrderedDict[int, Any] = OrderedDict()
 
     @property
     def embedding_shape(self) -> tuple[int, ...]:
@@ -423,6 +544,10 @@ class TeacherCache:
     @property
     def storage_dtype(self) -> str:
         return self.manifest["storage_dtype"]
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
 
     def __len__(self) -> int:
         return int(self.record_to_slice.shape[0])
@@ -449,25 +574,43 @@ class TeacherCache:
             raise TeacherCacheError(f"teacher cache {self.cache_dir} does not fit {dataset_dir} "
                                     f"{split}: " + "; ".join(problems))
 
-    def _shard(self, shard: int) -> np.ndarray:
-        if shard not in self._shards:
-            path = shard_path(self.cache_dir, shard)
-            if not path.is_file():
-                raise TeacherCacheError(f"{path}: shard missing (cache incomplete)")
-            self._shards[shard] = _from_storage_bits(np.load(path, mmap_mode="r"),
-                                                     self.storage_dtype)
-        return self._shards[shard]
+    def _file(self, shard: int):
+        handle = self._files.get(shard)
+        if handle is not None:
+            self._files.move_to_end(shard)
+            return handle
+        path = shard_path(self.cache_dir, shard)
+        if not path.is_file():
+            raise TeacherCacheError(f"{path}: shard missing (cache incomplete)")
+        while len(self._files) >= self.max_open_files:
+            self._files.popitem(last=False)[1].close()
+        handle = open(path, "rb")  # noqa: SIM115  (closed when evicted or by close())
+        self._files[shard] = handle
+        return handle
 
     def slice_embedding(self, slice_number: int) -> np.ndarray:
-        size = self.manifest["shard_size"]
-        return np.array(self._shard(slice_number // size)[slice_number % size])
+        from input_pipeline.teacher_storage import decode_slice  # noqa: PLC0415
+
+        per_shard, nbytes = self.manifest["slices_per_shard"], self.manifest["slice_nbytes"]
+        shard, position = divmod(int(slice_number), per_shard)
+        handle = self._file(shard)
+        buffer = bytearray(nbytes)
+        handle.seek(position * nbytes)
+        if handle.readinto(buffer) != nbytes:
+            raise TeacherCacheError(f"{shard_path(self.cache_dir, shard)}: truncated (slice "
+                                    f"{position} of {per_shard} cannot be read)")
+        return decode_slice(buffer, self.embedding_shape, self.storage_dtype)
 
     def __getitem__(self, record: int) -> np.ndarray:
         return self.slice_embedding(int(self.record_to_slice[record]))
 
+    def close(self) -> None:
+        while self._files:
+            self._files.popitem()[1].close()
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_shards"] = {}        # memory maps are reopened in each process
+        state["_files"] = OrderedDict()        # files are reopened in each process
         return state
 
 
@@ -489,14 +632,17 @@ def main(argv: list[str] | None = None) -> int:
                          help="random weights (smoke tests only)")
     parser.add_argument("--variant", default="medsam_vit_b", choices=sorted(VIT_VARIANTS),
                         help="ViT variant for --random-init")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="slices per jitted batch = per shard file")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per jitted batch")
+    parser.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_MB,
+                        help="size of one shard file in MiB (a kill loses at most one shard)")
     parser.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES,
                         help="storage dtype of the embeddings")
+    parser.add_argument("--teacher-input", default="device", choices=TEACHER_INPUT_MODES,
+                        help="how the 1024 input is made (input_pipeline.teacher_inputs)")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="matmul/conv dtype of the teacher (bfloat16 on GPUs)")
     parser.add_argument("--workers", type=int, default=0,
-                        help="processes preparing the 1024 inputs (0: in this process)")
+                        help="processes preparing the host part of the batches (0: a thread)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (multi-host runs)")
     parser.add_argument("--process-index", type=int, help="default: jax.process_index()")
@@ -516,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
                                compute_dtype=args.compute_dtype)
         report = build_teacher_cache(args.dataset_dir, args.split, args.out, teacher,
                                      batch_size=args.batch_size, storage_dtype=args.dtype,
+                                     shard_mb=args.shard_mb,
+                                     teacher_input_mode=args.teacher_input,
                                      process_index=process_index, process_count=process_count,
                                      worker_count=args.workers)
     except (TeacherCacheError, FileNotFoundError) as err:
