@@ -50,6 +50,7 @@ import numpy as np
 from input_pipeline.examples import teacher_source_image
 from input_pipeline.tfds_builder import open_split, read_record_index, records_path
 from rep_medsam_jax.io import atomic_write, write_text_atomic
+from rep_medsam_jax.io.storage import as_path, is_url, load_npy
 from rep_medsam_jax.models.config import VIT_VARIANTS, ViTConfig
 
 CACHE_FORMAT = "rep_medsam_jax.teacher_cache"
@@ -140,7 +141,8 @@ def load_teacher(*, model_dir: str | Path | None = None, checkpoint: str | Path 
                                     "is a ViT (convert medsam_vit_b.pth with --from medsam)")
         return Teacher(VIT_VARIANTS[config.encoder_variant],
                        {"params": variables["params"]["image_encoder"]},
-                       f"model_dir:{Path(model_dir).resolve()}", compute_dtype)
+                       f"model_dir:{model_dir if is_url(model_dir) else Path(model_dir).resolve()}",
+                       compute_dtype)
     if checkpoint is not None:
         from rep_medsam_jax.convert.checkpoints import convert_state_dict  # noqa: PLC0415
         from rep_medsam_jax.convert.torch_io import load_torch_state_dict  # noqa: PLC0415
@@ -349,7 +351,7 @@ def build_teacher_cache(dataset_dir: str | Path, split: str, cache_dir: str | Pa
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     start = time.perf_counter()
-    dataset_dir, cache_dir = Path(dataset_dir), Path(cache_dir)
+    dataset_dir, cache_dir = as_path(dataset_dir), as_path(cache_dir)
     table = slice_table(dataset_dir, split)
     manifest = _manifest(split, table, batch_size, teacher, storage_dtype)
     _ensure_manifest(cache_dir, manifest, table)
@@ -402,10 +404,11 @@ def build_teacher_cache(dataset_dir: str | Path, split: str, cache_dir: str | Pa
 
 class TeacherCache:
     """Read access: ``cache[record_index]`` -> (g, g, C) embedding in the storage dtype
-    (float16 or ml_dtypes.bfloat16). Shards are memory-mapped on first use. Picklable."""
+    (float16 or ml_dtypes.bfloat16). Shards are memory-mapped on first use (read whole from a
+    URL). Picklable."""
 
     def __init__(self, cache_dir: str | Path):
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = as_path(cache_dir)
         manifest_path = self.cache_dir / "manifest.json"
         if not manifest_path.is_file():
             raise TeacherCacheError(f"{self.cache_dir}: no manifest.json; not a teacher cache "
@@ -413,7 +416,7 @@ class TeacherCache:
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != CACHE_FORMAT:
             raise TeacherCacheError(f"{self.cache_dir}: not a teacher cache")
-        self.record_to_slice = np.load(self.cache_dir / "record_to_slice.npy")
+        self.record_to_slice = load_npy(self.cache_dir / "record_to_slice.npy")
         self._shards: dict[int, np.ndarray] = {}
 
     @property
@@ -454,7 +457,7 @@ class TeacherCache:
             path = shard_path(self.cache_dir, shard)
             if not path.is_file():
                 raise TeacherCacheError(f"{path}: shard missing (cache incomplete)")
-            self._shards[shard] = _from_storage_bits(np.load(path, mmap_mode="r"),
+            self._shards[shard] = _from_storage_bits(load_npy(path, mmap=True),
                                                      self.storage_dtype)
         return self._shards[shard]
 
