@@ -27,7 +27,6 @@ import pytest
 
 pytest.importorskip("gcp_storage_emulator",
                     reason="gcp-storage-emulator (the test extra) runs the local storage server")
-pytest.importorskip("gcsfs", reason="gcsfs (the train extra) reads and writes gs://")
 
 from tests.gcs_emulator import gcs_emulator, this_process_uses  # noqa: E402
 
