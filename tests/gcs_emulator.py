@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def emulator_environment(endpoint: str) -> dict[str, str]:
         "TENSORSTORE_GCS_HTTP_URL": endpoint,              # tensorstore (orbax arrays)
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",       # tensorstore: a fixed token
         "CLOUD_STORAGE_EMULATOR_ENDPOINT": endpoint,       # array_record's GCS reader
+        "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",  # the server is on this machine
     }
 
 
@@ -54,14 +56,13 @@ def gcs_emulator(folder: Path, bucket: str) -> Iterator[dict[str, str]]:
                               env={**os.environ, "PYTHONPATH": str(repo)})
     try:
         deadline = time.monotonic() + 60
-        while True:          # ready when it answers a bucket listing
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while True:          # ready when it answers for the bucket
             if server.poll() is not None:
                 raise RuntimeError(f"the storage emulator exited with {server.returncode}: "
                                    + Path(log.name).read_text())
             with contextlib.suppress(OSError):
-                import urllib.request  # noqa: PLC0415
-
-                with urllib.request.urlopen(f"{endpoint}/storage/v1/b/{bucket}", timeout=2):
+                with direct.open(f"{endpoint}/storage/v1/b/{bucket}", timeout=2):
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError("the storage emulator did not answer within 60 s")
