@@ -12,18 +12,24 @@ Apache Beam pipelines (``pip install '.[beam]'``; see input_pipeline/beam_build.
 goes to stderr, one line per case (from the Beam workers under a runner); a skipped case is
 reported with its reason and the build goes on. Rerunning the same command resumes an
 interrupted build (finished cases are reused) and reuses a finished dataset. The dataset lands
-in DATA/med_sam_slices/size<S>/2.0.0; the summary names it and the skipped cases. Exit status:
-0 built, 1 nothing could be built, 2 bad arguments.
+in DATA/med_sam_slices/size<S>/2.0.0; the summary names it and the skipped cases. DATA may be a
+URL (``gs://bucket/data``): the dataset is built locally and uploaded
+(``input_pipeline.remote_build``), and phantom cases are written to a temporary folder.
+Exit status: 0 built, 1 nothing could be built, 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
-from input_pipeline.tfds_builder import BuildError, BuildOptions, build_dataset
+from input_pipeline.remote_build import build_dataset_at
+from input_pipeline.tfds_builder import BuildError, BuildOptions
+from rep_medsam_jax.io.storage import is_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             parser.error(str(err))
 
+    with contextlib.ExitStack() as stack:
+        return _build(args, beam, stack)
+
+
+def _build(args: argparse.Namespace, beam, stack: contextlib.ExitStack) -> int:
     source = args.source
     if args.phantoms:
         from input_pipeline.phantoms import mni152_case, write_phantom_dataset  # noqa: PLC0415
 
-        folder = Path(args.data_dir) / "phantoms"
+        local = (Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                 if is_url(args.data_dir) else Path(args.data_dir))
+        folder = local / "phantoms"
         written = write_phantom_dataset(folder, n2d=args.phantoms[0], n3d=args.phantoms[1],
                                         seed=args.seed)
         if args.mni152:
@@ -99,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                            default_modality=args.modality,
                            ct_window=tuple(args.ct_window) if args.ct_window else None)
     try:
-        result = build_dataset(source, args.data_dir, options, work_dir=args.work_dir,
-                               overwrite=args.overwrite, log=logging.getLogger(__name__).info,
-                               beam=beam, num_shards=args.num_shards)
+        result = build_dataset_at(source, args.data_dir, options, work_dir=args.work_dir,
+                                  overwrite=args.overwrite, log=logging.getLogger(__name__).info,
+                                  beam=beam, num_shards=args.num_shards)
     except (BuildError, NotADirectoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -38,7 +38,6 @@ selected slices, or their objects), and every batch also carries ``source``. Eve
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ from input_pipeline.examples import slice_objects, student_image
 from input_pipeline.grain_workers import allow_worker_processes
 from input_pipeline.mixture import Mixture, Source, mixture_table
 from input_pipeline.tfds_builder import open_split, read_record_index
+from rep_medsam_jax.io.storage import as_path
 
 SAMPLINGS = ("slice", "object")
 
@@ -329,6 +329,6 @@ def save_iterator_state(iterator: Any, path: str | Path) -> None:
 def restore_iterator(loader: grain.DataLoader, path: str | Path | None) -> Iterator:
     """A fresh iterator of ``loader``, moved to the saved state when ``path`` exists."""
     iterator = iter(loader)
-    if path is not None and os.path.exists(path):
-        iterator.set_state(Path(path).read_bytes())
+    if path is not None and as_path(path).exists():
+        iterator.set_state(as_path(path).read_bytes())
     return iterator

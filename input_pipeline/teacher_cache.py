@@ -57,6 +57,7 @@ from input_pipeline.teacher_inputs import (TEACHER_INPUT_MODES, device_teacher_i
 from input_pipeline.teacher_storage import STORAGE_DTYPES, encode_slices, slice_nbytes
 from input_pipeline.tfds_builder import open_split, read_record_index, records_path
 from rep_medsam_jax.io import atomic_write, write_text_atomic
+from rep_medsam_jax.io.storage import as_path, is_url, load_npy, upload
 from rep_medsam_jax.models.config import VIT_VARIANTS, ViTConfig
 
 CACHE_FORMAT = "rep_medsam_jax.teacher_cache"
@@ -148,7 +149,8 @@ def load_teacher(*, model_dir: str | Path | None = None, checkpoint: str | Path 
                                     "is a ViT (convert medsam_vit_b.pth with --from medsam)")
         return Teacher(VIT_VARIANTS[config.encoder_variant],
                        {"params": variables["params"]["image_encoder"]},
-                       f"model_dir:{Path(model_dir).resolve()}", compute_dtype)
+                       f"model_dir:{model_dir if is_url(model_dir) else Path(model_dir).resolve()}",
+                       compute_dtype)
     if checkpoint is not None:
         from rep_medsam_jax.convert.checkpoints import convert_state_dict  # noqa: PLC0415
         from rep_medsam_jax.convert.torch_io import load_torch_state_dict  # noqa: PLC0415
@@ -325,8 +327,9 @@ def prefetch(items, depth: int = 2):
 # Layout and manifest
 # --------------------------------------------------------------------------------------------
 
-def shard_path(cache_dir: Path, shard: int) -> Path:
-    return Path(cache_dir) / "shards" / f"{shard:06d}.bin"
+def shard_path(cache_dir: Any, shard: int) -> Any:
+    """``CACHE/shards/<shard>.bin`` (a pathlib.Path, or an etils.epath.Path for a URL)."""
+    return as_path(cache_dir) / "shards" / f"{shard:06d}.bin"
 
 
 def slices_per_shard_for(shard_mb: float, nbytes: int) -> int:
@@ -380,7 +383,10 @@ def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any],
 
 
 def _remove_own_temporaries(cache_dir: Path, owned: set[int]) -> None:
-    """Delete temporary shard files a killed run of this host left (other hosts' are theirs)."""
+    """Delete temporary shard files a killed run of this host left (other hosts' are theirs).
+    A URL cache has none: its temporaries are local files."""
+    if is_url(cache_dir):
+        return
     pattern = re.compile(r"^\.tmp-[0-9a-f]+-(\d{6})\.bin$")
     for path in (cache_dir / "shards").glob(".tmp-*"):
         match = pattern.match(path.name)
@@ -430,7 +436,7 @@ def build_teacher_cache(dataset_dir: str | Path, split: str, cache_dir: str | Pa
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     start = time.perf_counter()
-    dataset_dir, cache_dir = Path(dataset_dir), Path(cache_dir)
+    dataset_dir, cache_dir = as_path(dataset_dir), as_path(cache_dir)
     table = slice_table(dataset_dir, split)
     nbytes = slice_nbytes(teacher.embedding_shape, storage_dtype)
     per_shard = slices_per_shard_for(shard_mb, nbytes)
@@ -490,13 +496,21 @@ def build_teacher_cache(dataset_dir: str | Path, split: str, cache_dir: str | Pa
 
 
 class _ShardWriter:
-    """Appends slices to a temporary file beside ``path``; ``commit`` renames it to ``path``."""
+    """Appends slices to a temporary file beside ``path``; ``commit`` renames it to ``path``.
+    For a URL ``path`` the temporary file is local and ``commit`` uploads it as one object
+    (all-or-nothing in an object store, which has no rename)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Any):
         import secrets  # noqa: PLC0415
+        import tempfile  # noqa: PLC0415
 
         self.path = path
-        self.temporary = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
+        if is_url(path):
+            handle, name = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}")
+            os.close(handle)
+            self.temporary = Path(name)
+        else:
+            self.temporary = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
         self.handle = open(self.temporary, "wb")  # noqa: SIM115  (closed in commit / abandon)
 
     def write(self, rows: np.ndarray) -> None:
@@ -506,7 +520,13 @@ class _ShardWriter:
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
-        os.replace(self.temporary, self.path)
+        if is_url(self.path):
+            try:
+                upload(self.temporary, self.path)
+            finally:
+                self.temporary.unlink(missing_ok=True)
+        else:
+            os.replace(self.temporary, self.path)
 
     def abandon(self) -> None:
         self.handle.close()
@@ -526,14 +546,14 @@ class TeacherCache:
     def __init__(self, cache_dir: str | Path, max_open_files: int = DEFAULT_MAX_OPEN_FILES):
         if max_open_files < 1:
             raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = as_path(cache_dir)
         manifest_path = self.cache_dir / "manifest.json"
         if not manifest_path.is_file():
             raise TeacherCacheError(f"{self.cache_dir}: no manifest.json; not a teacher cache "
                                     "(build it with python -m input_pipeline.teacher_cache)")
         self.manifest = json.loads(manifest_path.read_text())
         _check_format(self.cache_dir, self.manifest)
-        self.record_to_slice = np.load(self.cache_dir / "record_to_slice.npy")
+        self.record_to_slice = load_npy(self.cache_dir / "record_to_slice.npy")
         self.max_open_files = max_open_files
         self._files: OrderedDict[int, Any] = OrderedDict()
 
@@ -584,7 +604,8 @@ class TeacherCache:
             raise TeacherCacheError(f"{path}: shard missing (cache incomplete)")
         while len(self._files) >= self.max_open_files:
             self._files.popitem(last=False)[1].close()
-        handle = open(path, "rb")  # noqa: SIM115  (closed when evicted or by close())
+        # pathlib or etils.epath (a URL: each read is then one ranged request)
+        handle = path.open("rb")  # noqa: SIM115  (closed when evicted or by close())
         self._files[shard] = handle
         return handle
 

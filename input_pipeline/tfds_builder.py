@@ -66,6 +66,7 @@ from etils import epath
 from input_pipeline.examples import CaseSlices, make_case_slices
 from input_pipeline.sources import CaseSource, discover_sources, read_training_case
 from rep_medsam_jax.io import CaseError, atomic_write, write_text_atomic
+from rep_medsam_jax.io.storage import as_path
 
 DATASET_NAME = "med_sam_slices"
 CACHE_FORMAT = 2
@@ -408,7 +409,7 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
 # --------------------------------------------------------------------------------------------
 
 def records_path(dataset_dir: str | Path, split: str) -> Path:
-    return Path(dataset_dir) / f"records-{split}.npz"
+    return as_path(dataset_dir) / f"records-{split}.npz"
 
 
 def new_record_index(case_ids: list[str]) -> dict[str, list]:
@@ -487,7 +488,8 @@ def write_record_index(dataset_dir: Path, split: str, index: dict[str, list]) ->
 def read_record_index(dataset_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     """The arrays of :func:`write_record_index` (``case_ids``, ``case_modality``, ``case``,
     ``slice_index``, ``object_record``, ``object_label``)."""
-    with np.load(records_path(dataset_dir, split), allow_pickle=False) as archive:
+    with records_path(dataset_dir, split).open("rb") as handle, \
+            np.load(handle, allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
 
 
@@ -506,6 +508,22 @@ def _remove_stale_temporaries(work_dir: Path) -> None:
         if folder.is_dir():
             for stale in folder.glob(".tmp-*"):
                 stale.unlink(missing_ok=True)
+
+
+def read_finished_build(dataset_dir: str | Path, options: BuildOptions,
+                        log: Callable[[str], None] = _LOG.info) -> BuildResult:
+    """The BuildResult of the finished build in ``dataset_dir`` (a local folder or a URL, with
+    its ``build_params.json``); BuildError if it was built with other ``options``."""
+    dataset_dir = as_path(dataset_dir)
+    stored = json.loads((dataset_dir / "build_params.json").read_text())
+    if stored.get("options") != options.to_json():
+        raise BuildError(f"{dataset_dir} was built with other options "
+                         f"({stored.get('options')}); use another data dir or overwrite")
+    report = json.loads((dataset_dir / "build_report.json").read_text())
+    log(f"dataset already built at {dataset_dir}; reusing it")
+    return BuildResult(dataset_dir, [CaseReport(**r) for r in report["cases"]],
+                       report["split_sizes"], report.get("object_counts", {}),
+                       reused_existing=True)
 
 
 def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str | Path,
@@ -527,7 +545,8 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
     Returns where it is and what happened to every case; the report is also written to
     ``<dataset_dir>/build_report.json``. An existing dataset built with the same options is
     reused (``overwrite=True`` rebuilds it, still reusing the per-case work); one built with
-    other options raises BuildError.
+    other options raises BuildError. For a ``data_dir`` that may be a URL (``gs://...``) see
+    ``input_pipeline.remote_build.build_dataset_at``.
     """
     options = options or BuildOptions()
     roots = ([Path(source_dir)] if isinstance(source_dir, (str, Path))
@@ -540,15 +559,7 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
     # build_params.json is written last: without it a prepared tfds dataset is incomplete.
     complete = builder.is_prepared() and params_path.is_file()
     if complete and not overwrite:
-        stored = json.loads(params_path.read_text())
-        if stored.get("options") != options.to_json():
-            raise BuildError(f"{dataset_dir} was built with other options "
-                             f"({stored.get('options')}); use another data dir or overwrite")
-        report = json.loads((dataset_dir / "build_report.json").read_text())
-        log(f"dataset already built at {dataset_dir}; reusing it")
-        return BuildResult(dataset_dir, [CaseReport(**r) for r in report["cases"]],
-                           report["split_sizes"], report.get("object_counts", {}),
-                           reused_existing=True)
+        return read_finished_build(dataset_dir, options, log)
 
     _remove_stale_incomplete_dirs(dataset_dir)
     _remove_stale_temporaries(builder.work_dir)

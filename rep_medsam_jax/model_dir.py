@@ -8,7 +8,9 @@ Layout::
 
 One loader (`load_model_dir`) serves training initialisation, export and JAX inference.
 Writing is atomic: everything goes to a temporary sibling directory that is renamed into place at
-the end, so a failure never leaves a half-written MODEL_DIR behind.
+the end, so a failure never leaves a half-written MODEL_DIR behind. A MODEL_DIR may also be a URL
+(``gs://...``, see ``rep_medsam_jax.io.storage``): an object store cannot rename a directory, so
+it is written in place with ``config.json`` last, and a folder without it is no MODEL_DIR.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from rep_medsam_jax.io.storage import absolute, as_path, directory_in_place, is_url
 from rep_medsam_jax.models.config import ModelConfig
 
 FORMAT_NAME = "rep_medsam_jax.model_dir"
@@ -39,8 +42,13 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     """Yield a temporary directory that becomes ``target`` only if the block succeeds.
 
     The temporary directory is a sibling of ``target`` (same file system, so the final rename is
-    atomic). On any exception it is deleted and ``target`` is left untouched.
+    atomic). On any exception it is deleted and ``target`` is left untouched. For a URL see
+    ``storage.directory_in_place`` (written in place; the caller writes its marker file last).
     """
+    if is_url(target):
+        with directory_in_place(target, overwrite=overwrite) as path:
+            yield path
+        return
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists (pass overwrite=True / --overwrite)")
@@ -74,17 +82,18 @@ def save_model_dir(out_dir: str | os.PathLike, config: ModelConfig, variables: M
     tree = _to_numpy_tree(variables)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save((tmp / "variables").absolute(), tree)
+        checkpointer.save(absolute(tmp / "variables"), tree)
         checkpointer.wait_until_finished()
         document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": config.to_json(),
                     "metadata": dict(metadata or {})}
+        # Written last: on a URL its presence is what makes the folder a MODEL_DIR.
         (tmp / "config.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    return Path(out_dir)
+    return as_path(out_dir)
 
 
 def read_model_config(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     """The ModelConfig and free-form metadata of a model directory (no weights read)."""
-    model_dir = Path(model_dir)
+    model_dir = as_path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelDirError(f"{model_dir}: not a model directory (no config.json)")
@@ -104,7 +113,7 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
     config, _ = read_model_config(model_dir)
-    variables_path = (Path(model_dir) / "variables").absolute()
+    variables_path = absolute(as_path(model_dir) / "variables")
     if not variables_path.is_dir():
         raise ModelDirError(f"{model_dir}: no variables/ checkpoint")
     variables = ocp.StandardCheckpointer().restore(variables_path)

@@ -319,7 +319,7 @@ def _phantom_config(**changes) -> TrainConfig:
     return dataclasses.replace(base, **changes)
 
 
-def test_config_errors_are_clear(tmp_path):
+def test_config_errors_are_clear(tmp_path, monkeypatch):
     validate(_phantom_config(), tmp_path / "ok", device_count=4)
     with pytest.raises(ConfigError, match="learning_rate must be > 0"):
         validate(apply_overrides(_phantom_config(), ["optim.learning_rate=-1e-4"]))
@@ -337,10 +337,15 @@ def test_config_errors_are_clear(tmp_path):
         apply_overrides(_phantom_config(), ["batch_size=abc"])
     with pytest.raises(ConfigError, match="teacher_cache_dir"):
         validate(_phantom_config(stage="distill"))
-    # URLs are refused, not turned into a local folder named "gs:".
-    with pytest.raises(ConfigError, match="--workdir gs://b/run is a URL"):
-        validate(_phantom_config(), "gs://b/run")
-    with pytest.raises(ConfigError, match="model.init_from gs://b/distill is a URL"):
+    # A URL is checked before any compute: a scheme the storage layer serves, with its package.
+    with pytest.raises(ConfigError, match=r"--workdir: ftp://b/run: unsupported URL scheme"):
+        validate(_phantom_config(), "ftp://b/run")
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gcsfs" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"model.init_from: gs://b/distill: .*needs the gcsfs"):
         validate(apply_overrides(_phantom_config(), ["model.init_from=gs://b/distill"]))
 
 

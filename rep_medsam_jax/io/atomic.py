@@ -13,6 +13,8 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from rep_medsam_jax.io.storage import as_path, is_url, upload_on_success
+
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
@@ -38,9 +40,16 @@ def atomic_write(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pat
     so case discovery never picks it up. If the block raises (anything, including
     KeyboardInterrupt) the temporary file is deleted and an existing ``path`` is left untouched.
 
+    ``path`` may be a URL (``gs://...``, see :mod:`.storage`): the temporary file is then local
+    and uploaded as one object at the end, which is all-or-nothing in an object store.
+
         with atomic_write(out / "config.json") as tmp:
             tmp.write_text(json.dumps(config))
     """
+    if is_url(path):
+        with upload_on_success(path) as temporary:
+            yield temporary
+        return
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.with_name(f".tmp-{secrets.token_hex(6)}-{final.name}")
@@ -63,11 +72,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; returns the path."""
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
-    return Path(path)
+    return as_path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically; returns the path."""
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding=encoding)
-    return Path(path)
+    return as_path(path)

@@ -10,7 +10,8 @@ Layout (``WORKDIR/checkpoints``)::
 Atomicity: orbax writes a step into a temporary directory and renames it when every item (and
 every process) is done; :meth:`Checkpointer.latest_step` only sees finished steps, and
 temporary leftovers of a killed save are deleted at start-up. So a run killed at any moment
-restarts from the last complete checkpoint.
+restarts from the last complete checkpoint. On ``gs://`` (no rename) orbax writes a step in place
+and marks it finished with a ``commit_success.txt`` file, which :func:`finished_steps` requires.
 
 Multi-host: every process calls :meth:`Checkpointer.save` with the same step (orbax writes the
 replicated arrays once and synchronises the processes); each process writes its own
@@ -30,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from rep_medsam_jax.io.storage import absolute, as_path
 from rep_medsam_jax.training.steps import TrainState
 
 
@@ -117,7 +119,7 @@ class Checkpointer:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(directory)
         self.best_metric = best_metric
         self.best_mode = best_mode
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
@@ -202,7 +204,7 @@ class Checkpointer:
 
 def read_checkpoint_meta(directory: str | Path, step: int) -> dict:
     """The JSON record of a finished step, read directly from disk (no JAX, no orbax)."""
-    path = Path(directory) / str(step) / "meta" / "metadata"
+    path = as_path(directory) / str(step) / "meta" / "metadata"
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no checkpoint record")
     return json.loads(path.read_text())
@@ -211,11 +213,18 @@ def read_checkpoint_meta(directory: str | Path, step: int) -> dict:
 def finished_steps(directory: str | Path) -> list[int]:
     """Steps with a finished checkpoint under ``directory`` (orbax's temporary directories of
     interrupted saves are not integers and are skipped)."""
-    directory = Path(directory)
+    directory = as_path(directory)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / "meta").is_dir())
+                  if p.name.isdigit() and _is_finished(p))
+
+
+def _is_finished(step_dir) -> bool:
+    if not (step_dir.is_dir() and (step_dir / "meta").is_dir()):
+        return False
+    # On gs:// orbax renames nothing: a step is finished once its commit file exists.
+    return not str(step_dir).startswith("gs://") or (step_dir / "commit_success.txt").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ def load_state_tree(directory: str | Path, step: int) -> dict:
     """The stored state dict of a finished step ({"step", "params", "batch_stats",
     "opt_state", "rng"}, optimiser states as nested containers), as NumPy, read in this one
     process whatever device layout wrote it."""
-    path = (Path(directory) / str(step) / "state").absolute()
+    path = absolute(as_path(directory) / str(step) / "state")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
@@ -287,7 +296,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, which: st
     variables = load_checkpoint_variables(checkpoint_dir, step)
     metadata = {"stage": meta.get("stage"), "step": step,
                 "name": (meta.get("config") or {}).get("name"),
-                "metrics": meta.get("metrics", {}), "checkpoint": str(Path(checkpoint_dir))}
+                "metrics": meta.get("metrics", {}), "checkpoint": str(as_path(checkpoint_dir))}
     return save_model_dir(out_dir, model_config, variables, metadata=metadata,
                           overwrite=overwrite)
 

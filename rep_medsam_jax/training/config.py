@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rep_medsam_jax.io.storage import StorageError, as_path, check_url, is_url
 from rep_medsam_jax.losses import SegLossWeights
 from rep_medsam_jax.training.optim import OptimConfig
 
@@ -340,7 +341,7 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
     ``workdir`` existing checkpoints there must be of the same model."""
     from rep_medsam_jax.models.config import MODEL_PRESETS  # noqa: PLC0415
 
-    _check_local_paths(config, workdir)
+    _check_urls(config, workdir)
     _need(config.stage in STAGES, f"stage must be one of {STAGES}, got {config.stage!r}")
     _need(config.model.preset in MODEL_PRESETS,
           f"model.preset {config.model.preset!r} is unknown; known: {sorted(MODEL_PRESETS)}")
@@ -435,7 +436,7 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
             _need(bool(data.teacher_cache_dir),
                   "distillation from a cache needs data.teacher_cache_dir (python -m "
                   "input_pipeline.teacher_cache ...), or teacher.source=online")
-            _need(Path(data.teacher_cache_dir).is_dir(),
+            _need(as_path(data.teacher_cache_dir).is_dir(),
                   f"data.teacher_cache_dir {data.teacher_cache_dir} does not exist")
         if teacher.source == "cache":
             _need(data.augment in ("distill", "none"),
@@ -447,10 +448,10 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
                   "teacher.source=online needs teacher.model_dir (a converted MedSAM ViT-B) or "
                   "teacher.random_seed >= 0 (random weights, for tests)")
             if teacher.model_dir:
-                _need(Path(teacher.model_dir).is_dir(),
+                _need(as_path(teacher.model_dir).is_dir(),
                       f"teacher.model_dir {teacher.model_dir} does not exist")
         if data.eval_teacher_cache_dir:
-            _need(Path(data.eval_teacher_cache_dir).is_dir(),
+            _need(as_path(data.eval_teacher_cache_dir).is_dir(),
                   f"data.eval_teacher_cache_dir {data.eval_teacher_cache_dir} does not exist")
         _need("image_encoder" in config.optim.trainable,
               "distillation trains the image encoder: put it in optim.trainable")
@@ -459,13 +460,13 @@ def validate(config: TrainConfig, workdir: str | Path | None = None,
     if config.model.init_from:
         _check_init_from(config, model_config)
     if workdir is not None:
-        _check_existing_checkpoints(config, model_config, Path(workdir))
+        _check_existing_checkpoints(config, model_config, as_path(workdir))
 
 
 def _check_dataset_dir(path: str, key: str) -> None:
     _need(bool(path), f"{key} is empty: give a built dataset "
           "(DATA/med_sam_slices/size<S>/<version>)")
-    dataset = Path(path)
+    dataset = as_path(path)
     _need(dataset.is_dir(), f"{key} {dataset} does not exist")
     _need((dataset / "dataset_info.json").is_file(),
           f"{key} {dataset} is not a built dataset (no dataset_info.json); "
@@ -496,9 +497,9 @@ def _check_mixture(config: TrainConfig) -> None:
         raise ConfigError(f"data.sources: {err}") from None
 
 
-def _check_local_paths(config: TrainConfig, workdir: str | Path | None) -> None:
-    """Every path is read or written with the local file system: a ``gs://`` or other URL
-    would become a local folder named ``gs:`` (a WORKDIR) or a confusing "does not exist"."""
+def _check_urls(config: TrainConfig, workdir: str | Path | None) -> None:
+    """Any path may be a URL (``gs://...``, rep_medsam_jax.io.storage): its scheme must be known
+    and its file-system package (gcsfs for gs://) installed, checked here before any compute."""
     paths = {"--workdir": workdir, "data.dataset_dir": config.data.dataset_dir,
              "data.teacher_cache_dir": config.data.teacher_cache_dir,
              "data.eval_teacher_cache_dir": config.data.eval_teacher_cache_dir,
@@ -506,15 +507,19 @@ def _check_local_paths(config: TrainConfig, workdir: str | Path | None) -> None:
              "model.init_from": config.model.init_from,
              "teacher.model_dir": config.teacher.model_dir}
     for name, value in paths.items():
-        _need(not (value and "://" in str(value)),
-              f"{name} {value} is a URL: paths must be on a mounted file system (for a bucket, "
-              "mount it, e.g. gcsfuse BUCKET /mnt/BUCKET, and give /mnt/BUCKET/...)")
+        if value and is_url(value):
+            try:
+                check_url(value)
+            except StorageError as err:
+                raise ConfigError(f"{name}: {err}") from None
     for number, source in enumerate(config.data.sources):
         for name in ("dataset_dir", "teacher_cache_dir"):
             value = getattr(source, name)
-            _need(not (value and "://" in value),
-                  f"data.sources[{number}].{name} {value} is a URL: paths must be on a mounted "
-                  "file system (mount a bucket, e.g. with gcsfuse, and give its local path)")
+            if value and is_url(value):
+                try:
+                    check_url(value)
+                except StorageError as err:
+                    raise ConfigError(f"data.sources[{number}].{name}: {err}") from None
 
 
 def resolve_model_config(config: TrainConfig):
@@ -549,7 +554,7 @@ def _compatible(wanted, found, parts: Sequence[str]) -> bool:
 def _check_init_from(config: TrainConfig, model_config) -> None:
     from rep_medsam_jax.model_dir import ModelDirError, read_model_config  # noqa: PLC0415
 
-    source = Path(config.model.init_from)
+    source = as_path(config.model.init_from)
     _need(source.exists(), f"model.init_from {source} does not exist")
     found = init_source_model_config(source)
     if found is None:

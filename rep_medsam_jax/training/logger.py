@@ -2,16 +2,23 @@
 learning-curve PNG (matplotlib) drawn from the JSONL file.
 
 Only process 0 writes. After a restart the JSONL lines past the restored step are dropped, so
-the file reads as one uninterrupted run.
+the file reads as one uninterrupted run. A WORKDIR that is a URL (``gs://...``) cannot be appended
+to: the files are written in a local folder and uploaded whole by :meth:`MetricWriter.sync` (the
+loop calls it with every checkpoint, and at the end); lines written after the last checkpoint are
+the ones a restart drops anyway.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from rep_medsam_jax.io.storage import as_path, download, is_url, local_file, upload_tree
 
 
 class MetricWriter:
@@ -19,9 +26,15 @@ class MetricWriter:
 
     def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int = 0,
                  tensorboard: bool = True):
-        self.path = Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
+        self._remote = as_path(workdir) if is_url(workdir) else None
+        self._local = Path(workdir) if self._remote is None else None
+        if enabled and self._remote is not None:     # a local copy, uploaded by sync()
+            self._local = Path(tempfile.mkdtemp(prefix="rep-medsam-metrics-"))
+            if (self._remote / "metrics.jsonl").is_file():
+                download(self._remote / "metrics.jsonl", self._local / "metrics.jsonl")
+        self.path = (self._local or self._remote) / "metrics.jsonl"
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,7 +42,7 @@ class MetricWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(self._local / "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -42,11 +55,22 @@ class MetricWriter:
                 if math.isfinite(value):
                     self._tb.add_scalar(key, value, int(step))
 
+    def sync(self) -> None:
+        """URL WORKDIR: upload metrics.jsonl and the TensorBoard files (local: nothing to do)."""
+        if not self.enabled or self._remote is None:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        upload_tree(self._local, self._remote)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        if self.enabled and self._remote is not None and self._local.exists():
+            self.sync()
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
@@ -64,7 +88,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         return []
     rows = []
@@ -110,7 +134,7 @@ def plot_learning_curves(metrics_path: str | Path, out_path: str | Path,
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    out_path = Path(out_path)
-    figure.savefig(out_path, dpi=100)
+    with local_file(out_path) as target:
+        figure.savefig(target, dpi=100)
     plt.close(figure)
-    return out_path
+    return as_path(out_path)

@@ -29,6 +29,9 @@ evaluating (so it exits within seconds) and evaluates first thing when resumed.
     learning_curves.png
     config.json         the resolved config of the run
     data/               built-in phantom dataset (when ``data.phantoms`` is set)
+
+``WORKDIR``, ``data.dataset_dir``, the teacher caches and ``model.init_from`` may be URLs
+(``gs://bucket/...``; see ``rep_medsam_jax.io.storage`` and docs/training.md "Cloud storage").
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import collections
 import dataclasses
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rep_medsam_jax.io.storage import absolute, as_path, is_url
 from rep_medsam_jax.models.config import REPVIT_VARIANTS, VIT_VARIANTS, ModelConfig
 from rep_medsam_jax.models.medsam_lite import build_model, init_variables
 from rep_medsam_jax.training import optim
@@ -73,31 +79,39 @@ BATCH_KEYS = ("image", "image_region", "jitter_order", "jitter_factors", "mask",
 def prepare_dataset(config: TrainConfig, workdir: Path) -> Path:
     """The built dataset's folder: ``data.dataset_dir``, the first of ``data.sources`` (the
     mixture itself comes from ``config.data_mixture``), or phantoms built into WORKDIR/data
-    (process 0 builds, the others wait; building is resumable and reuses a finished build)."""
+    (process 0 builds, the others wait; building is resumable and reuses a finished build).
+    With a URL WORKDIR the phantom cases are written to a local temporary folder (image writers
+    need files) and only the built dataset goes to WORKDIR/data."""
     data = config.data
     if data.sources:
-        return Path(data.sources[0].dataset_dir)
+        return as_path(data.sources[0].dataset_dir)
     if not data.phantoms:
-        return Path(data.dataset_dir)
+        return as_path(data.dataset_dir)
     from input_pipeline.phantoms import MODALITIES_2D, write_phantom_dataset  # noqa: PLC0415
-    from input_pipeline.tfds_builder import BuildOptions, build_dataset  # noqa: PLC0415
+    from input_pipeline.remote_build import build_dataset_at  # noqa: PLC0415
+    from input_pipeline.tfds_builder import BuildOptions  # noqa: PLC0415
 
     root = workdir / "data"
     options = BuildOptions(image_size=data.phantom_image_size,
                            validation_fraction=data.validation_fraction, split_seed=data.seed)
     if jax.process_index() == 0:
-        cases = root / "phantoms"
-        if not (cases / "inputs").is_dir():
-            write_phantom_dataset(cases, n2d=data.phantoms[0], n3d=data.phantoms[1],
-                                  seed=data.phantom_seed,
-                                  modalities_2d=data.phantom_modalities or MODALITIES_2D)
-        result = build_dataset(cases, root / "tfds", options, log=_LOG.debug)
+        local = Path(tempfile.mkdtemp(prefix="rep-medsam-phantoms-")) if is_url(root) else None
+        cases = (local or root) / "phantoms"
+        try:
+            if not (cases / "inputs").is_dir():
+                write_phantom_dataset(cases, n2d=data.phantoms[0], n3d=data.phantoms[1],
+                                      seed=data.phantom_seed,
+                                      modalities_2d=data.phantom_modalities or MODALITIES_2D)
+            result = build_dataset_at(cases, root / "tfds", options, log=_LOG.debug)
+        finally:
+            if local is not None:
+                shutil.rmtree(local, ignore_errors=True)
         dataset_dir = result.dataset_dir
     _sync("phantom dataset built")
     if jax.process_index() != 0:
-        dataset_dir = build_dataset(root / "phantoms", root / "tfds", options,
-                                    log=_LOG.debug).dataset_dir      # reuses the finished build
-    return Path(dataset_dir)
+        dataset_dir = build_dataset_at(root / "phantoms", root / "tfds", options,
+                                       log=_LOG.debug).dataset_dir      # reuses the finished build
+    return as_path(dataset_dir)
 
 
 def _sync(name: str) -> None:
@@ -351,7 +365,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str | Path, stop_after_ste
                         log: Callable[[str], None] | None, clock: Callable[[], float],
                         signals: StopSignals) -> RunSummary:
     started = time.time()
-    workdir = Path(workdir).absolute()
+    workdir = absolute(workdir)
     say = log or (lambda message: print(message, flush=True))
     primary = jax.process_index() == 0
     mesh = sharding_lib.make_mesh()
@@ -409,7 +423,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str | Path, stop_after_ste
         start_step = 0
         variables = init_variables(model_config, config.seed)
         if config.model.init_from:
-            loaded = load_init_variables(Path(config.model.init_from))
+            loaded = load_init_variables(as_path(config.model.init_from))
             variables = _merge_parts(variables, loaded, config.model.init_parts,
                                      config.model.init_from)
             say(f"initialised {', '.join(config.model.init_parts)} from "
@@ -493,6 +507,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str | Path, stop_after_ste
                           {**meta, "train_losses_since_eval": train_losses,
                            "eval_pending": eval_pending},
                           metrics=last_eval if evaluated else None)
+        writer.sync()            # a URL WORKDIR's metrics, uploaded with each checkpoint
 
     # Every process decides (stop, save now) together, see training.preemption.
     agreement = HostAgreement(mesh, count=2)
