@@ -43,17 +43,17 @@ import tempfile
 import time
 from pathlib import Path
 
-# Imported while this folder is still on the path (it is dropped just below).
-import scale_corpus
-from record import add_out_argument, default_out, out_from_argv, recorded_output, write_json
-from tree_monitor import TreeMonitor, TreeSample
-
-# benchmarks/input_pipeline.py is named like the package: drop this folder from the import path
-# (also for the grain worker processes, which inherit it), so `import input_pipeline` finds the
-# package.
+# benchmarks/input_pipeline.py is named like the package: this folder goes to the end of the
+# import path (for the grain worker processes too, which inherit it and re-import this file), so
+# `import input_pipeline` finds the package and `import scale_corpus` still finds its sibling.
 _HERE = Path(__file__).resolve().parent
 _REPO = _HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+import scale_corpus  # noqa: E402
+from record import (add_out_argument, default_out, out_from_argv, recorded_output,  # noqa: E402
+                    write_json)
+from tree_monitor import TreeMonitor, TreeSample  # noqa: E402
 
 GPUS, IMAGES_PER_GPU = 8, 250          # the host to feed: 8 GPUs at 250 images/s each
 VIT_B_BYTES_PER_SLICE = 64 * 64 * 256 * 2      # MedSAM ViT-B embedding, float16
@@ -471,7 +471,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     if args.smoke:
-        args.slices, args.loader_workers, args.cache_workers = (12, 36), (0,), 0
+        args.slices, args.loader_workers, args.cache_workers = (12, 36), (1,), 0
         args.build_workers, args.batch_size, args.finetune_batches = 0, 4, 0
     small_target, large_target = sorted(args.slices)
     mix = SMOKE_MIX if args.smoke else scale_corpus.RELEASE_MIX
@@ -481,10 +481,14 @@ def main(args: argparse.Namespace) -> None:
         plan = scale_corpus.corpus_plan(args.seed, large_target, mix)
         small_plan = plan[:next(i + 1 for i in range(len(plan)) if
                                 sum(c.records for c in plan[:i + 1]) >= small_target)]
-        stamp = corpus / "plan.json"
-        if stamp.is_file() and stamp.read_text() != scale_corpus.plan_json(plan):
-            raise SystemExit(f"{corpus} holds another corpus (other seed or size); remove it "
-                             "or use another --root")
+        # Cases are named by number: a corpus of another seed or mix must not be mixed in.
+        stamp, identity = corpus / "corpus.json", json.dumps({"seed": args.seed,
+                                                              "mix": repr(mix)})
+        if stamp.is_file() and stamp.read_text() != identity:
+            raise SystemExit(f"{corpus} holds a corpus of another seed or mix; remove it or "
+                             "use another --root")
+        corpus.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(identity)
         described = scale_corpus.describe(plan)
         print(f"corpus: {described['cases']} cases, {described['records']} slices "
               f"({described['records_3d_fraction']:.0%} from 3D volumes), largest 2D side "
@@ -497,8 +501,6 @@ def main(args: argparse.Namespace) -> None:
                   disable=args.smoke, mininterval=5) as bar:
             scale_corpus.write_corpus(corpus, plan, processes=1 if args.smoke
                                       else args.gen_processes, progress=bar.update)
-        corpus.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(scale_corpus.plan_json(plan))
         corpus_bytes = sum(os.stat(corpus / c.relative_path).st_blocks * 512 for c in plan)
         print(f"corpus ready in {time.perf_counter() - start:.0f} s: "
               f"{corpus_bytes / 1e9:.2f} GB on disk "

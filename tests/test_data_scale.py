@@ -138,19 +138,22 @@ def test_smoke_run_prints_every_figure_and_they_are_sane():
     small, large, ratio = _row(out, "slices (records)")
     assert 0 < small < large and ratio == pytest.approx(large / small, abs=0.01)
     for name in ("build slices/s", "build slices per CPU-second", "cache slices/s",
-                 "loader W=0 steady examples/s per worker", "source bytes per slice",
+                 "loader W=1 steady examples/s per worker", "source bytes per slice",
                  "dataset bytes per slice", "cache bytes per train slice"):
         assert min(_row(out, name)[:2]) > 0, name
     # The teacher cache holds one 8 x 8 x 256 float16 embedding (32 KiB) per slice, plus shard
     # headers: an independent check of the bytes measured on disk.
     assert 32 * 1024 <= _row(out, "cache bytes per train slice")[1] < 48 * 1024
-    for step in ("build", "cache", "loader_w0"):
+    for step in ("build", "cache", "loader_w1"):
         assert min(_row(out, f"{step} peak open files")[:2]) >= 3        # stdin/out/err at least
         assert min(_row(out, f"{step} peak memory maps")[:2]) >= 50
         assert min(_row(out, f"{step} peak RSS MiB")[:2]) >= 20
-        assert _row(out, f"{step} peak processes")[:2] == [1, 1]
+    # (The first step runs before any helper process exists; later ones may see grain's.)
+    assert _row(out, "build peak processes")[0] == 1
+    # The loader's grain worker is a child process: the monitor must see it.
+    assert min(_row(out, "loader_w1 peak processes")[:2]) >= 2
     assert re.search(r"peak memory, open files and memory maps (do not grow|GROW)", out)
-    assert re.search(r"1M slices: build [\d.]+ h; teacher cache .* [\d.]+ h; loader epoch W=0 "
+    assert re.search(r"1M slices: build [\d.]+ h; teacher cache .* [\d.]+ h; loader epoch W=1 "
                      r"[\d.]+ h", out)
     assert re.search(r"3M slices on disk: source [\d,]+ GB; dataset [\d,]+ GB", out)
     cores = re.search(r"cores to feed 8 GPUs at 250 images/s each \(2000 examples/s\): (\d+)", out)
