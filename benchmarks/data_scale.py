@@ -246,7 +246,11 @@ def run_size(label: str, plan: list, corpus: Path, work: Path, args: argparse.Na
 
         steps["build"] = run_here("build", build_main, argv)
     else:
-        steps["build"] = run_child("build", ["-m", "input_pipeline.build", *argv], log)
+        # The plain build fails past 1 GB of records per split without TensorFlow (see
+        # tfds_spill_shim.py); the shim runs the same build with that spill on plain files.
+        entry = ["-m", "input_pipeline.build"] if args.no_shim else [str(_HERE /
+                                                                       "tfds_spill_shim.py")]
+        steps["build"] = run_child("build", [*entry, *argv], log)
     dataset_dir = _dataset_dir(data_dir)
     report = json.loads((dataset_dir / "build_report.json").read_text())
     slices = sum(report["split_sizes"].values())
@@ -450,6 +454,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--finetune-batches", type=int, default=100,
                         help="also time this many fine-tuning batches (1 worker) at each size")
+    parser.add_argument("--no-shim", action="store_true",
+                        help="build with plain python -m input_pipeline.build (fails past "
+                             "1 GB of records per split unless TensorFlow is installed)")
     parser.add_argument("--keep", action="store_true",
                         help="keep each size's dataset and cache (default: delete the small "
                              "size's before the large is built)")
@@ -515,6 +522,7 @@ def main(args: argparse.Namespace) -> None:
                 shutil.rmtree(work)
             work.mkdir(parents=True)
             sizes.append(run_size(label, part, corpus, work, args, in_process=args.smoke))
+            (root / "runs" / f"{label}-result.json").write_text(json.dumps(sizes[-1], indent=1))
             used = corpus_bytes + disk_bytes(root / "runs")
             print(f"[{label}] disk in use (corpus + runs): {used / 1e9:.1f} GB", flush=True)
             if label == "small" and not args.keep:
