@@ -18,7 +18,9 @@ Each step runs in its own process, as a user runs it, under a monitor of its pro
 (``benchmarks/tree_monitor.py``: summed RSS, open files, memory maps, sampled every 0.2 s):
 
 1. build: ``python -m input_pipeline.build --source VIEW --data-dir RUN/data`` (with
-   ``--runner direct --workers N`` when the build has a runner);
+   ``--runner direct --workers N`` when the build has a runner), through
+   ``benchmarks/tfds_spill_shim.py`` (tensorflow-datasets' writer needs TensorFlow past 1 GB
+   of records per split; ``--no-shim`` runs the plain command);
 2. teacher cache: ``python -m input_pipeline.teacher_cache`` with a small random ViT
    (``vit_tiny``: the code path of MedSAM's ViT-B, far too slow on a CPU) and ``--workers``;
 3. one loader epoch (``make_loader(..., num_epochs=1)``, distillation augmentation, the cache
