@@ -17,10 +17,8 @@ size; a smaller size is the first cases of the same plan, seen through a folder 
 Each step runs in its own process, as a user runs it, under a monitor of its process tree
 (``benchmarks/tree_monitor.py``: summed RSS, open files, memory maps, sampled every 0.2 s):
 
-1. build: ``python -m input_pipeline.build --source VIEW --data-dir RUN/data`` (with
-   ``--runner direct --workers N`` when the build has a runner), through
-   ``benchmarks/tfds_spill_shim.py`` (tensorflow-datasets' writer needs TensorFlow past 1 GB
-   of records per split; ``--no-shim`` runs the plain command);
+1. build: ``python -m input_pipeline.build --source CORPUS --data-dir RUN/data`` (with
+   ``--runner direct --workers N`` for N > 0 build workers: Apache Beam's DirectRunner);
 2. teacher cache: ``python -m input_pipeline.teacher_cache`` with a small random ViT
    (``vit_tiny``: the code path of MedSAM's ViT-B, far too slow on a CPU) and ``--workers``;
 3. one loader epoch (``make_loader(..., num_epochs=1)``, distillation augmentation, the cache
@@ -119,16 +117,9 @@ def run_here(name: str, function, *args) -> StepResult:
 # The steps
 # --------------------------------------------------------------------------------------------
 
-def build_has_runner() -> bool:
-    """Whether ``python -m input_pipeline.build`` takes ``--runner`` / ``--workers`` (read
-    from its source, without importing tensorflow-datasets here)."""
-    source = (_REPO / "input_pipeline" / "build.py").read_text()
-    return '"--runner"' in source and '"--workers"' in source
-
-
 def build_argv(view: Path, data_dir: Path, workers: int) -> list[str]:
     argv = ["--source", str(view), "--data-dir", str(data_dir)]
-    if workers > 0 and build_has_runner():
+    if workers > 0:
         argv += ["--runner", "direct", "--workers", str(workers)]
     return argv
 
@@ -149,8 +140,8 @@ def zero_teacher_cache(dataset_dir: Path, cache_dir: Path, batch_size: int) -> N
 
     teacher = Teacher(VIT_VARIANTS["vit_tiny"], {}, "smoke:zeros")
 
-    def encode(images: np.ndarray) -> np.ndarray:
-        return np.zeros((images.shape[0],) + teacher.embedding_shape, np.float16)
+    def encode(batch: dict) -> np.ndarray:
+        return np.zeros((len(batch["slice"]),) + teacher.embedding_shape, np.float16)
 
     build_teacher_cache(dataset_dir, "train", cache_dir, teacher, batch_size=batch_size,
                         encode_fn=encode, log=lambda _line: None)
@@ -232,11 +223,10 @@ def run_size(label: str, plan: list, corpus: Path, work: Path, args: argparse.Na
     view = scale_corpus.link_view(corpus, work / "view", plan)
     from input_pipeline.sources import discover_sources  # noqa: PLC0415
 
-    layout = "nested"
-    if len(discover_sources(view)) < len(plan):
-        # The build's discovery reads only ROOT/*.npz: give it the same files flat.
-        view = scale_corpus.link_view(corpus, work / "view-flat", plan, flat=True)
-        layout = "flat (discovery reads only ROOT/*.npz)"
+    found = len(discover_sources(view))
+    if found != len(plan):
+        raise SystemExit(f"discovery found {found} of the {len(plan)} cases under {view}")
+    layout = "nested <Modality>/<Dataset>/<case>.npz"
     data_dir, cache_dir, log = work / "data", work / "cache", work / "steps.log"
     print(f"[{label}] {len(plan)} cases, {sum(c.records for c in plan)} planned slices; "
           f"layout {layout}", flush=True)
@@ -248,11 +238,7 @@ def run_size(label: str, plan: list, corpus: Path, work: Path, args: argparse.Na
 
         steps["build"] = run_here("build", build_main, argv)
     else:
-        # The plain build fails past 1 GB of records per split without TensorFlow (see
-        # tfds_spill_shim.py); the shim runs the same build with that spill on plain files.
-        entry = ["-m", "input_pipeline.build"] if args.no_shim else [str(_HERE /
-                                                                       "tfds_spill_shim.py")]
-        steps["build"] = run_child("build", [*entry, *argv], log)
+        steps["build"] = run_child("build", ["-m", "input_pipeline.build", *argv], log)
     dataset_dir = _dataset_dir(data_dir)
     report = json.loads((dataset_dir / "build_report.json").read_text())
     slices = sum(report["split_sizes"].values())
@@ -456,9 +442,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--finetune-batches", type=int, default=100,
                         help="also time this many fine-tuning batches (1 worker) at each size")
-    parser.add_argument("--no-shim", action="store_true",
-                        help="build with plain python -m input_pipeline.build (fails past "
-                             "1 GB of records per split unless TensorFlow is installed)")
     parser.add_argument("--keep", action="store_true",
                         help="keep each size's dataset and cache (default: delete the small "
                              "size's before the large is built)")

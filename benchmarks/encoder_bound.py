@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

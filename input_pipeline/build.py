@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild an existing dataset (per-case work is still reused)")
     parser.add_argument("--num-shards", type=int,
-                        help="array_record files per split (default: sized by tfds, 64 MiB to "
-                             "1 GiB each)")
+                        help="array_record files per split (default: one per ~1 GiB of "
+                             "serialised records, ~5,000 slices at 256)")
     parser.add_argument("--runner", default="none",
                         choices=["none", "direct", "dataflow", "spark", "flink"],
                         help="none: build in this process; else an Apache Beam runner")

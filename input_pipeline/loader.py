@@ -38,6 +38,7 @@ selected slices, or their objects), and every batch also carries ``source``. Eve
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path

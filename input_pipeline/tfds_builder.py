@@ -33,8 +33,10 @@ Building runs in two stages, so that it is resumable and a bad case is never fat
    of its files and options. An interrupted build resumes with the first case not yet written;
    a case that raises a :class:`~rep_medsam_jax.io.CaseError` (or anything else) is reported and
    skipped. Progress is logged one line per case.
-2. tfds writes the splits from those per-case files (cheap). An interruption here redoes only
-   this stage (tfds writes into a temporary ``incomplete.*`` folder renamed at the end).
+2. tfds writes the splits from those per-case files (cheap), streamed in order into
+   array_record shards with flat memory and no TensorFlow (:mod:`input_pipeline.record_writer`).
+   An interruption here redoes only this stage (tfds writes into a temporary ``incomplete.*``
+   folder renamed at the end).
 
 Both stages run in this process by default; stage 1, and on a cluster stage 2 too, can run as
 Apache Beam pipelines over worker processes or a cluster (``build_dataset(...,
@@ -48,6 +50,7 @@ and adding a case does not move the others.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -64,6 +67,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from input_pipeline.examples import CaseSlices, make_case_slices
+from input_pipeline.record_writer import streaming_writer
 from input_pipeline.sources import CaseSource, discover_sources, read_training_case
 from rep_medsam_jax.io import CaseError, atomic_write, write_text_atomic
 from rep_medsam_jax.io.storage import as_path
@@ -340,6 +344,7 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
         self._log = log
         self.reports: list[CaseReport] = []
         self.record_index: dict[str, dict[str, list]] = {}
+        self.expected_records: dict[str, int] = {}
         super().__init__(**kwargs)
         # Default: DATA_DIR/med_sam_slices_work/size256 (data_dir is DATA_DIR/name/config/version).
         self.work_dir = (Path(work_dir) if work_dir else Path(self.data_dir).parent.parent.parent
@@ -388,6 +393,10 @@ class MedSamSlices(tfds.core.GeneratorBasedBuilder):
         splits = {split: cases for split, cases in assign_splits(
             built, options.validation_fraction, options.split_seed).items() if cases}
         if self.beam is None or not self.beam.writes_records:
+            # The streaming writer (input_pipeline.record_writer) places shard boundaries
+            # from each split's record count, known here from the work files' indexes.
+            for split, cases in splits.items():
+                self.expected_records[split] = len(index_split(self.work_dir, cases)[0]["case"])
             return {split: self._generate_examples(split, cases)
                     for split, cases in splits.items()}
         transforms = {}
@@ -540,7 +549,8 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
     worker processes or a cluster runner; the records are written in this process unless
     ``beam.writes_records``); None (the default) builds in this process. All give the same
     records in the same order. num_shards: array_record files per split (None:
-    tfds sizes them, 64 MiB to 1 GiB each); the record order does not depend on it.
+    one per ~1 GiB of serialised records in this process, tfds' sizing on a cluster); the
+    record order does not depend on it.
 
     Returns where it is and what happened to every case; the report is also written to
     ``<dataset_dir>/build_report.json``. An existing dataset built with the same options is
@@ -566,10 +576,13 @@ def build_dataset(source_dir: str | Path | Sequence[str | Path], data_dir: str |
     modes = tfds.download.GenerateMode
     mode = (modes.REUSE_CACHE_IF_EXISTS if overwrite or builder.is_prepared()
             else modes.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(roots[0]), download_mode=mode, try_download_gcs=False,
-        num_shards=num_shards,
-        beam_options=beam.pipeline_options() if beam and beam.writes_records else None))
+    records_on_cluster = beam is not None and beam.writes_records
+    with (contextlib.nullcontext() if records_on_cluster
+          else streaming_writer(builder.expected_records)):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=str(roots[0]), download_mode=mode, try_download_gcs=False,
+            num_shards=num_shards,
+            beam_options=beam.pipeline_options() if records_on_cluster else None))
 
     split_sizes, object_counts = {}, {}
     for split, index in builder.record_index.items():

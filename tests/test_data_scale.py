@@ -158,27 +158,3 @@ def test_smoke_run_prints_every_figure_and_they_are_sane():
     assert re.search(r"3M slices on disk: source [\d,]+ GB; dataset [\d,]+ GB", out)
     cores = re.search(r"cores to feed 8 GPUs at 250 images/s each \(2000 examples/s\): (\d+)", out)
     assert cores and int(cores.group(1)) >= 2
-
-
-def test_tfds_spill_needs_tensorflow_and_the_shim_spills_on_plain_files(tmp_path, monkeypatch):
-    """The build's records pass through tfds' Shuffler, which spills to bucket files through
-    tf.io.gfile past MAX_MEM_BUFFER_SIZE (1 GB): without TensorFlow that fails; the benchmark's
-    shim spills on plain files and gives every record back in key order."""
-    from tensorflow_datasets.core import shuffle
-
-    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 100)      # spill after 100 bytes
-    monkeypatch.setattr(shuffle, "tf", shuffle.tf)                   # restored after the test
-    records = [(key, bytes([key]) * 40) for key in range(30)]
-    if importlib.util.find_spec("tensorflow") is None:
-        plain = shuffle.Shuffler(tmp_path / "plain", "salt", disable_shuffling=True)
-        with pytest.raises(ModuleNotFoundError, match="tensorflow"):
-            for key, data in records:
-                plain.add(key, data)
-    shim = _load("tfds_spill_shim")
-    shim.install()
-    (tmp_path / "shim").mkdir()
-    shuffler = shuffle.Shuffler(tmp_path / "shim", "salt", disable_shuffling=True)
-    for key, data in reversed(records):
-        shuffler.add(key, data)
-    assert len(shuffler.bucket_lengths) == shuffle.BUCKETS_NUMBER     # it spilled to buckets
-    assert list(shuffler) == records

@@ -14,7 +14,6 @@ import torch
 
 from rep_medsam_jax.convert.sam_heads import convert_prompt_encoder
 from rep_medsam_jax.convert.state_dict import CheckpointMismatchError, StateDictReader
-from rep_medsam_jax.models.config import DecoderConfig
 from rep_medsam_jax.models.prompt_encoder import PromptEncoder
 from tests.reference.randomise import randomise_, torch_state
 from tests.reference.sam_modeling import load_sam_modeling

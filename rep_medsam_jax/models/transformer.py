@@ -144,7 +144,6 @@ def _attend_shared_keys(q, k, v, layers: tuple[Linear, ...], num_heads: int) -> 
     """
     q_proj, k_proj, v_proj, out_proj = layers
     prompts, queries, _ = q.shape
-    keys = k.shape[1]
     width = q_proj[0].shape[1]
     head_dim = width // num_heads
     qh = _by_head(_linear(q, q_proj), num_heads)                          # (heads, N*Nq, d)
