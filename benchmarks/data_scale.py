@@ -48,7 +48,8 @@ from pathlib import Path
 # `import input_pipeline` finds the package and `import scale_corpus` still finds its sibling.
 _HERE = Path(__file__).resolve().parent
 _REPO = _HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+sys.path[:] = [str(_REPO)] + [p for p in sys.path if Path(p or ".").resolve() not in
+                                (_HERE, _REPO)] + [str(_HERE)]
 
 import scale_corpus  # noqa: E402
 from record import (add_out_argument, default_out, out_from_argv, recorded_output,  # noqa: E402

@@ -290,7 +290,7 @@ def test_iteration_over_a_mixture_with_worker_processes_resumes_exactly(datasets
 @pytest.fixture(scope="module")
 def caches(datasets, tmp_path_factory) -> dict[str, Path]:
     """A teacher cache of each dataset's train split whose embeddings are constant per slice:
-    1 + (the teacher input's mean) for the challenge set, 2 + (its mean) for the extra set (a
+    1 + (the stored slice's mean / 255) for the challenge set, 2 + (that) for the extra set (a
     stand-in encode function; the ViT itself is tested in tests/test_input_teacher_cache.py)."""
     from input_pipeline.teacher_cache import Teacher, build_teacher_cache
     from rep_medsam_jax.models.config import VIT_VARIANTS
@@ -299,8 +299,9 @@ def caches(datasets, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("caches")
     result = {}
     for offset, name in enumerate(("challenge", "extra"), start=1):
-        def encode(images, offset=offset):
-            values = offset + images.mean(axis=(1, 2, 3))
+        def encode(batch, offset=offset):
+            images = batch["images"]                   # the stored uint8 slices (device path)
+            values = offset + images.mean(axis=(1, 2, 3)) / 255.0
             return np.broadcast_to(values[:, None, None, None],
                                    images.shape[:1] + teacher.embedding_shape).astype(np.float16)
 
