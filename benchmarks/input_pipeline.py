@@ -150,8 +150,8 @@ def fake_teacher_cache(dataset_dir: Path, cache_dir: Path) -> None:
     teacher = Teacher(config, {}, "benchmark:random-embeddings")
     rng = np.random.default_rng(0)
 
-    def encode(images: np.ndarray) -> np.ndarray:
-        return rng.standard_normal((images.shape[0], 64, 64, 256)).astype(np.float16)
+    def encode(batch: dict) -> np.ndarray:
+        return rng.standard_normal((len(batch["slice"]), 64, 64, 256)).astype(np.float16)
 
     build_teacher_cache(dataset_dir, "train", cache_dir, teacher, batch_size=16,
                         encode_fn=encode, log=_quiet)
