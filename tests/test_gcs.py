@@ -100,7 +100,9 @@ def pipeline(bucket):
 
     cache_output = _run(bucket, "-m", "input_pipeline.teacher_cache", "--dataset-dir", dataset,
                         "--split", "train", "--out", f"{URL}/cache/train", "--random-init", "0",
-                        "--variant", "vit_demo", "--batch-size", "4")
+                        "--variant", "vit_demo", "--batch-size", "4",
+                        # 32 KiB per slice: two slices per shard, so several shard files.
+                        "--shard-mb", "0.07")
     config = TrainConfig(
         name="gcs", stage="distill",
         model=ModelSection(preset="rep_medsam_tiny", image_size=64, init_from=str(init),
