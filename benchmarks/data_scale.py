@@ -155,6 +155,8 @@ def loader_epoch(dataset_dir: str, cache_dir: str, workers: int, batch_size: int
     The epoch is checked: every record index comes exactly once.
     """
     from input_pipeline.augment import DISTILL_AUGMENT, FINETUNE_AUGMENT  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
     from input_pipeline.loader import make_loader  # noqa: PLC0415
 
     start = time.perf_counter()
@@ -167,7 +169,9 @@ def loader_epoch(dataset_dir: str, cache_dir: str, workers: int, batch_size: int
     for number, batch in enumerate(iterator):
         if first_batch_at is None:
             first_batch_at = time.perf_counter()
-        seen.append(batch["index"])
+        # A copy: the batch's arrays may be views of grain's shared-memory blocks, and
+        # keeping those alive would hold one open descriptor and one map per batch.
+        seen.append(np.array(batch["index"], copy=True))
         count += int(batch["index"].shape[0])
         if batches is not None and number + 1 >= batches:
             break
@@ -178,8 +182,6 @@ def loader_epoch(dataset_dir: str, cache_dir: str, workers: int, batch_size: int
               "steady_examples_per_s": (count - first_size) / max(end - (first_batch_at or end),
                                                                   1e-9)}
     if batches is None:
-        import numpy as np  # noqa: PLC0415
-
         from input_pipeline.tfds_builder import open_split  # noqa: PLC0415
 
         indices = np.concatenate(seen) if seen else np.zeros(0, np.int64)
@@ -234,6 +236,7 @@ def run_size(label: str, plan: list, corpus: Path, work: Path, args: argparse.Na
 
     steps: dict[str, StepResult] = {}
     argv = build_argv(view, data_dir, args.build_workers)
+    build_runner = "direct" if "--runner" in argv else "in-process (serial)"
     if in_process:
         from input_pipeline.build import main as build_main  # noqa: PLC0415
 
@@ -249,12 +252,12 @@ def run_size(label: str, plan: list, corpus: Path, work: Path, args: argparse.Na
     print(f"[{label}] built {slices} slices ({train} train, {objects} objects, {skipped} "
           f"cases skipped) in {steps['build'].seconds:.0f} s", flush=True)
 
-    argv = cache_argv(dataset_dir, cache_dir, args.cache_workers, args.batch_size)
+    cache_command = cache_argv(dataset_dir, cache_dir, args.cache_workers, args.batch_size)
     if in_process:
         steps["cache"] = run_here("cache", zero_teacher_cache, dataset_dir, cache_dir,
                                   args.batch_size)
     else:
-        steps["cache"] = run_child("cache", ["-m", "input_pipeline.teacher_cache", *argv], log)
+        steps["cache"] = run_child("cache", ["-m", "input_pipeline.teacher_cache", *cache_command], log)
     print(f"[{label}] teacher cache of {train} slices in {steps['cache'].seconds:.0f} s",
           flush=True)
 
@@ -282,7 +285,7 @@ def run_size(label: str, plan: list, corpus: Path, work: Path, args: argparse.Na
              "cache": disk_bytes(cache_dir)}
     result = {"label": label, "cases": len(plan), "slices": slices, "train_slices": train,
               "objects": objects, "skipped_cases": skipped, "layout": layout,
-              "build_runner": "direct" if "--runner" in argv else "in-process (serial)",
+              "build_runner": build_runner,
               "bytes": sizes, "steps": {k: dataclasses.asdict(v) for k, v in steps.items()}}
     if args.finetune_batches and not in_process:
         result_file = work / "finetune.json"

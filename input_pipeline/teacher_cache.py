@@ -281,7 +281,12 @@ def _iterate_inputs(source: BatchInputs, worker_count: int):
     sampler = grain.samplers.IndexSampler(num_records=len(source),
                                           shard_options=grain.sharding.NoSharding(),
                                           shuffle=False, num_epochs=1, seed=0)
-    yield from grain.DataLoader(data_source=source, sampler=sampler, worker_count=worker_count)
+    # Each item is a whole batch (16 slices, a few MiB): grain's default read-ahead of 500
+    # items would hold gigabytes per worker, so read a few batches ahead only.
+    yield from grain.DataLoader(data_source=source, sampler=sampler, worker_count=worker_count,
+                                worker_buffer_size=2,
+                                read_options=grain.ReadOptions(num_threads=2,
+                                                               prefetch_buffer_size=4))
 
 
 _DONE = object()
