@@ -198,12 +198,13 @@ def _loader_child_main(args: argparse.Namespace) -> None:
 
 
 def disk_bytes(path: Path) -> int:
-    """Bytes on disk (allocated blocks) of the files under ``path``, links followed."""
+    """Bytes on disk (allocated blocks) of the files under ``path``. Links are not followed:
+    the corpus view's links to the source files must not count the corpus twice."""
     total = 0
-    for folder, _, files in os.walk(path, followlinks=True):
+    for folder, _, files in os.walk(path):
         for name in files:
             try:
-                total += os.stat(os.path.join(folder, name)).st_blocks * 512
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
             except OSError:
                 pass
     return total

@@ -561,6 +561,10 @@ class TeacherCache:
         self.record_to_slice = load_npy(self.cache_dir / "record_to_slice.npy")
         self.max_open_files = max_open_files
         self._files: OrderedDict[int, Any] = OrderedDict()
+        # grain reads records on several threads of one process: a shard's file position is
+        # shared and the LRU may close a file another thread is reading, so open, seek and
+        # read happen under one lock (a slice is one short read; the lock is not the bottleneck).
+        self._lock = threading.Lock()
 
     @property
     def embedding_shape(self) -> tuple[int, ...]:
@@ -619,10 +623,12 @@ class TeacherCache:
 
         per_shard, nbytes = self.manifest["slices_per_shard"], self.manifest["slice_nbytes"]
         shard, position = divmod(int(slice_number), per_shard)
-        handle = self._file(shard)
         buffer = bytearray(nbytes)
-        handle.seek(position * nbytes)
-        if handle.readinto(buffer) != nbytes:
+        with self._lock:
+            handle = self._file(shard)
+            handle.seek(position * nbytes)
+            read = handle.readinto(buffer)
+        if read != nbytes:
             raise TeacherCacheError(f"{shard_path(self.cache_dir, shard)}: truncated (slice "
                                     f"{position} of {per_shard} cannot be read)")
         return decode_slice(buffer, self.embedding_shape, self.storage_dtype)
@@ -631,13 +637,19 @@ class TeacherCache:
         return self.slice_embedding(int(self.record_to_slice[record]))
 
     def close(self) -> None:
-        while self._files:
-            self._files.popitem()[1].close()
+        with self._lock:
+            while self._files:
+                self._files.popitem()[1].close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_files"] = OrderedDict()        # files are reopened in each process
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------------

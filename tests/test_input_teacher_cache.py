@@ -202,6 +202,45 @@ def test_reader_keeps_at_most_max_open_files_open(setup, tmp_path):
     assert _open_descriptors() == before
 
 
+@pytest.mark.parametrize("max_open_files", [1, 64])
+def test_threads_sharing_one_reader_get_their_own_slices(setup, tmp_path, max_open_files):
+    """grain reads records on several threads of a process with one reader: all threads share
+    each file's position, and with one open file allowed every read evicts another thread's."""
+    one_slice_mb = 8 * 8 * 256 * 2 / 2**20
+    _build(setup, tmp_path / "cache", shard_mb=one_slice_mb)              # a shard per slice
+    expected = _all_embeddings(tmp_path / "cache")
+    shared = TeacherCache(tmp_path / "cache", max_open_files=max_open_files)
+    records = len(shared)
+    errors: list[BaseException] = []
+    wrong: list[tuple[int, int]] = []
+    start = threading.Barrier(6)
+
+    def read(thread: int) -> None:
+        order = np.random.default_rng(thread).permutation(np.tile(np.arange(records), 60))
+        start.wait()
+        try:
+            for record in order:
+                got = shared[int(record)]
+                if not np.array_equal(got, expected[shared.record_to_slice[record]]):
+                    wrong.append((thread, int(record)))
+        except BaseException as err:  # noqa: BLE001  (reported by the test)
+            errors.append(err)
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert not wrong, wrong[:5]
+    assert shared.open_files == min(max_open_files, len(expected))
+    # It still pickles (to grain's worker processes) and reads there.
+    import pickle  # noqa: PLC0415
+
+    copy = pickle.loads(pickle.dumps(shared))
+    assert np.array_equal(copy[0], expected[shared.record_to_slice[0]])
+
+
 def test_an_old_or_foreign_cache_is_refused(setup, tmp_path):
     _build(setup, tmp_path / "cache")
     manifest_path = tmp_path / "cache" / "manifest.json"
