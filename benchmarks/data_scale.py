@@ -437,7 +437,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, nargs=2, default=(25_000, 100_000),
                         metavar=("SMALL", "LARGE"), help="training slices of the two sizes")
-    parser.add_argument("--root", default="/work/scale-data",
+    parser.add_argument("--root", default="scale-data",
                         help="corpus and run folders (the corpus is kept for reruns)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gen-processes", type=int, default=os.cpu_count() or 1)
