@@ -3,7 +3,7 @@ side by side: build, teacher cache and one loader epoch each, with rates, bytes 
 and the peak memory, open files and memory maps of every step; the large/small ratio of each
 peak shows whether it grows with the corpus (it must not).
 
-    python benchmarks/data_scale.py [--slices 25000 100000] [--root /work/scale-data]
+    python benchmarks/data_scale.py [--slices 25000 100000] [--root scale-data]
         [--build-workers 2] [--cache-workers 2] [--loader-workers 1 2] [--batch-size 16]
     python benchmarks/data_scale.py --smoke          # tiny corpus, in one process: a check
 
