@@ -154,9 +154,9 @@ def loader_epoch(dataset_dir: str, cache_dir: str, workers: int, batch_size: int
 
     The epoch is checked: every record index comes exactly once.
     """
-    from input_pipeline.augment import DISTILL_AUGMENT, FINETUNE_AUGMENT  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
+    from input_pipeline.augment import DISTILL_AUGMENT, FINETUNE_AUGMENT  # noqa: PLC0415
     from input_pipeline.loader import make_loader  # noqa: PLC0415
 
     start = time.perf_counter()
@@ -258,7 +258,8 @@ def run_size(label: str, plan: list, corpus: Path, work: Path, args: argparse.Na
         steps["cache"] = run_here("cache", zero_teacher_cache, dataset_dir, cache_dir,
                                   args.batch_size)
     else:
-        steps["cache"] = run_child("cache", ["-m", "input_pipeline.teacher_cache", *cache_command], log)
+        steps["cache"] = run_child("cache", ["-m", "input_pipeline.teacher_cache",
+                                             *cache_command], log)
     print(f"[{label}] teacher cache of {train} slices in {steps['cache'].seconds:.0f} s",
           flush=True)
 
